@@ -1,0 +1,260 @@
+"""Configuration of CNC (Cross-modal Normality Constraint, AAAI 2025).
+
+Every hyperparameter of the paper is a plain field whose default is the paper's value. Fields
+for choices the paper leaves open carry the default we picked and say why (the README's
+"Design choices" table lists them again).
+"""
+
+from __future__ import annotations
+
+import math
+
+from transformers import CLIPConfig, PretrainedConfig
+
+# Token ids of the class words of Eq. (2)/(3) in the real CLIP BPE vocabulary (49408 tokens),
+# so the prompts can be built without a tokenizer at run time.
+CLIP_BOS_TOKEN_ID = 49406
+CLIP_EOS_TOKEN_ID = 49407
+OBJECT_TOKEN_IDS = [14115]  # "object"
+DAMAGED_OBJECT_TOKEN_IDS = [13568, 14115]  # "damaged object"
+
+MOE_GATINGS = ("topk_softmax", "softmax_topk")
+IMAGE_SCORE_REDUCTIONS = ("max", "mean_top1pct")
+
+
+def default_feature_layers(num_hidden_layers: int) -> list[int]:
+    """Three tapped layers at 1/4, 2/4 and 3/4 of the vision depth (1-indexed).
+
+    For CLIP ViT-L/14 (24 layers) this gives [6, 12, 18]; for ViT-B (12 layers) [3, 6, 9].
+    Mid-depth layers keep spatial detail that the last layers of CLIP trade for global
+    semantics, and the tower can stop at 3/4 of its depth.
+    """
+    return [max(1, math.ceil(num_hidden_layers * k / 4)) for k in (1, 2, 3)]
+
+
+class CNCConfig(PretrainedConfig):
+    r"""Configuration for [`CNCModel`].
+
+    Args:
+        clip_config (`dict` or `CLIPConfig`, *optional*):
+            The frozen CLIP backbone (encoder F and text encoder G). Defaults to `CLIPConfig()`.
+        feature_layers (`list[int]`, *optional*):
+            The tapped ViT layers i_1, i_2, i_3 (1-indexed; layer N is the last). Defaults to
+            `default_feature_layers(depth)`: [6, 12, 18] for ViT-L/14.
+        prompt_length (`int`, defaults to 12): M, the learnable tokens of each prompt (Eq. 2-3).
+        normal_token_ids / abnormal_token_ids (`list[int]`): BPE ids of "object" and
+            "damaged object", the fixed words that end p_n and p_a (Eq. 2-3).
+        bos_token_id / eos_token_id (`int`): start and end tokens of the CLIP text encoder.
+        tau (`float`, defaults to 0.001): the temperature tau of Eq. (4) and (10).
+        gamma (`float`, defaults to 0.1): weight of L_c2 in Eq. (11).
+        theta (`int`, defaults to 5): the epoch from which L_c2 joins (Eq. 11).
+        num_experts (`int`, defaults to 5): T, the experts of the gated MoE (Eq. 13).
+        moe_top_k (`int`, defaults to 2): K, experts per patch (Eq. 14).
+        moe_gating (`str`, defaults to `"topk_softmax"`): how the router scores become H_k.
+            `"topk_softmax"`: softmax over the K largest logits (weights sum to 1, the usual
+            sparse gating); `"softmax_topk"`: softmax over all T logits, keep the top K values.
+        moe_eps (`float`, defaults to 1e-10): epsilon of the importance loss (Eq. 15).
+        expert_mlp_ratio (`float`, defaults to 1.0): hidden width of each expert MLP E_t as a
+            multiple of the vision width C (Linear-GELU-Linear).
+        noise_std (`float`, defaults to 0.1): std of the Gaussian noise added to the encoded
+            features during training, relative to each token's feature std.
+        fusion_dropout (`float`, defaults to 0.1): dropout of the MLF projection Phi (Eq. 12).
+        decoder_num_heads (`int`, *optional*): heads of the decoder blocks; defaults to CLIP's.
+        decoder_mlp_ratio (`float`, defaults to 4.0): MLP width of the decoder blocks.
+        map_smoothing_sigma (`float`, defaults to 4.0): Gaussian blur (pixels, at the input
+            resolution) of the anomaly map of Eq. (17); 0 disables it.
+        image_score_reduction (`str`, defaults to `"max"`): the image score from the map; the
+            paper uses the maximum; `"mean_top1pct"` averages the top 1% of pixels.
+        image_size (`int`, defaults to 224): input resolution (the paper resizes to 224x224).
+        threshold (`float`, *optional*): decision threshold on the image score, calibrated on
+            held-out normal training images by the trainer; used by the pipeline.
+        use_mlf / use_cnc / use_moe (`bool`, default True): the components of Table 2.
+            Without MLF the decoder is fed the deepest tapped feature alone; without CNC there
+            is no prompt learning, no normality promotion (f* = f) and no L_constraint; without
+            MoE the fused feature goes straight to the decoder.
+    """
+
+    model_type = "cnc"
+    sub_configs = {"clip_config": CLIPConfig}
+
+    def __init__(
+        self,
+        clip_config: dict | CLIPConfig | None = None,
+        feature_layers: list[int] | None = None,
+        prompt_length: int = 12,
+        normal_token_ids: list[int] | None = None,
+        abnormal_token_ids: list[int] | None = None,
+        bos_token_id: int = CLIP_BOS_TOKEN_ID,
+        eos_token_id: int = CLIP_EOS_TOKEN_ID,
+        tau: float = 0.001,
+        gamma: float = 0.1,
+        theta: int = 5,
+        num_experts: int = 5,
+        moe_top_k: int = 2,
+        moe_gating: str = "topk_softmax",
+        moe_eps: float = 1e-10,
+        expert_mlp_ratio: float = 1.0,
+        noise_std: float = 0.1,
+        fusion_dropout: float = 0.1,
+        decoder_num_heads: int | None = None,
+        decoder_mlp_ratio: float = 4.0,
+        map_smoothing_sigma: float = 4.0,
+        image_score_reduction: str = "max",
+        image_size: int = 224,
+        threshold: float | None = None,
+        use_mlf: bool = True,
+        use_cnc: bool = True,
+        use_moe: bool = True,
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
+        if clip_config is None:
+            clip_config = CLIPConfig()
+        elif isinstance(clip_config, dict):
+            clip_config = CLIPConfig(**clip_config)
+        self.clip_config = clip_config
+
+        depth = clip_config.vision_config.num_hidden_layers
+        self.feature_layers = list(feature_layers) if feature_layers is not None else default_feature_layers(depth)
+        self.prompt_length = prompt_length
+        self.normal_token_ids = list(normal_token_ids) if normal_token_ids is not None else list(OBJECT_TOKEN_IDS)
+        self.abnormal_token_ids = (
+            list(abnormal_token_ids) if abnormal_token_ids is not None else list(DAMAGED_OBJECT_TOKEN_IDS)
+        )
+        self.tau = tau
+        self.gamma = gamma
+        self.theta = theta
+        self.num_experts = num_experts
+        self.moe_top_k = moe_top_k
+        self.moe_gating = moe_gating
+        self.moe_eps = moe_eps
+        self.expert_mlp_ratio = expert_mlp_ratio
+        self.noise_std = noise_std
+        self.fusion_dropout = fusion_dropout
+        self.decoder_num_heads = decoder_num_heads
+        self.decoder_mlp_ratio = decoder_mlp_ratio
+        self.map_smoothing_sigma = map_smoothing_sigma
+        self.image_score_reduction = image_score_reduction
+        self.image_size = image_size
+        self.threshold = threshold
+        self.use_mlf = use_mlf
+        self.use_cnc = use_cnc
+        self.use_moe = use_moe
+        self.initializer_range = initializer_range
+        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
+        self.validate_cnc()
+
+    def validate_cnc(self) -> None:
+        """Raise a ValueError naming the field for any configuration the model cannot run."""
+        vision, text = self.clip_config.vision_config, self.clip_config.text_config
+        depth = vision.num_hidden_layers
+        if len(self.feature_layers) == 0:
+            raise ValueError("feature_layers must name at least one tapped ViT layer, got [].")
+        for layer in self.feature_layers:
+            if not isinstance(layer, int) or not 1 <= layer <= depth:
+                raise ValueError(
+                    f"feature_layers={self.feature_layers}: each tapped layer must be an int in [1, {depth}] "
+                    f"(the vision tower has {depth} layers, 1-indexed)."
+                )
+        if list(self.feature_layers) != sorted(self.feature_layers):
+            raise ValueError(f"feature_layers={self.feature_layers} must be in increasing depth order.")
+        if self.prompt_length < 1:
+            raise ValueError(f"prompt_length must be >= 1, got {self.prompt_length}.")
+        for name in ("normal_token_ids", "abnormal_token_ids"):
+            ids = getattr(self, name)
+            if not ids or any((not isinstance(i, int)) or not 0 <= i < text.vocab_size for i in ids):
+                raise ValueError(f"{name}={ids}: expected a non-empty list of token ids in [0, {text.vocab_size}).")
+        prompt_tokens = 2 + self.prompt_length + max(len(self.normal_token_ids), len(self.abnormal_token_ids))
+        if prompt_tokens > text.max_position_embeddings:
+            raise ValueError(
+                f"prompt_length={self.prompt_length} makes prompts of {prompt_tokens} tokens, more than the text "
+                f"encoder's max_position_embeddings={text.max_position_embeddings}."
+            )
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is None or not 0 <= value < text.vocab_size:
+                raise ValueError(f"{name}={value} is outside the text vocabulary [0, {text.vocab_size}).")
+        if not self.tau > 0:
+            raise ValueError(f"tau (temperature) must be > 0, got {self.tau}.")
+        if self.gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {self.gamma}.")
+        if self.theta < 0:
+            raise ValueError(f"theta must be >= 0, got {self.theta}.")
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts (T) must be >= 1, got {self.num_experts}.")
+        if not 1 <= self.moe_top_k <= self.num_experts:
+            raise ValueError(f"moe_top_k (K) must be in [1, num_experts={self.num_experts}], got {self.moe_top_k}.")
+        if self.moe_gating not in MOE_GATINGS:
+            raise ValueError(f"moe_gating={self.moe_gating!r}: expected one of {MOE_GATINGS}.")
+        if self.expert_mlp_ratio <= 0 or self.decoder_mlp_ratio <= 0:
+            raise ValueError("expert_mlp_ratio and decoder_mlp_ratio must be > 0.")
+        if self.noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {self.noise_std}.")
+        if not 0 <= self.fusion_dropout < 1:
+            raise ValueError(f"fusion_dropout must be in [0, 1), got {self.fusion_dropout}.")
+        heads = self.decoder_num_heads or vision.num_attention_heads
+        if heads < 1 or vision.hidden_size % heads:
+            raise ValueError(
+                f"decoder_num_heads={heads} must divide the vision width {vision.hidden_size}."
+            )
+        if self.map_smoothing_sigma < 0:
+            raise ValueError(f"map_smoothing_sigma must be >= 0, got {self.map_smoothing_sigma}.")
+        if self.image_score_reduction not in IMAGE_SCORE_REDUCTIONS:
+            raise ValueError(
+                f"image_score_reduction={self.image_score_reduction!r}: expected one of {IMAGE_SCORE_REDUCTIONS}."
+            )
+        patch = vision.patch_size
+        if self.image_size < patch or self.image_size % patch:
+            raise ValueError(f"image_size={self.image_size} must be a positive multiple of the patch size {patch}.")
+
+    @property
+    def vision_hidden_size(self) -> int:
+        return self.clip_config.vision_config.hidden_size
+
+    @classmethod
+    def from_clip_pretrained(cls, pretrained_model_name_or_path, **overrides) -> "CNCConfig":
+        """A CNC config around a standard CLIP checkpoint (Hub id or local dir).
+
+        Reads the CLIP config; when the checkpoint ships a tokenizer, the class words
+        "object" / "damaged object" and the start/end ids are taken from it, so checkpoints
+        with another vocabulary still get the right prompt tokens. `overrides` set any field.
+        """
+        hub_kwargs = {k: overrides.pop(k) for k in ("cache_dir", "revision", "token", "local_files_only") if k in overrides}
+        clip_config = CLIPConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        if clip_config.model_type != "clip":
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is a {clip_config.model_type!r} checkpoint; expected a CLIP one."
+            )
+        token_fields = {}
+        tokenizer = _try_load_tokenizer(pretrained_model_name_or_path, **hub_kwargs)
+        # transformers 5 builds an empty 2-token tokenizer for a dir without tokenizer files:
+        # only a tokenizer that covers the text tower's vocabulary is the checkpoint's own.
+        if tokenizer is not None and len(tokenizer) == clip_config.text_config.vocab_size:
+            def words(text):
+                return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+            token_fields = {
+                "normal_token_ids": words("object"),
+                "abnormal_token_ids": words("damaged object"),
+                "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+            }
+        else:
+            text = clip_config.text_config
+            # Legacy CLIP configs store bos/eos = 0/2, which are not CLIP's tokens: keep ours then.
+            if text.eos_token_id not in (None, 2) and text.bos_token_id is not None:
+                token_fields = {"bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id}
+        return cls(clip_config=clip_config, **{**token_fields, **overrides})
+
+
+def _try_load_tokenizer(path_or_id, **hub_kwargs):
+    """The checkpoint's tokenizer, or None when it has none (a bare weights+config dir)."""
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path_or_id, **hub_kwargs)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+CNCConfig.register_for_auto_class()

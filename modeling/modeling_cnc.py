@@ -1,0 +1,289 @@
+r"""CNCModel: frozen CLIP + learnable prompts, MLF, gated MoE and a reverse-distillation decoder.
+
+Data flow (one image, n tapped layers, DESIGN.md "The model in one breath"):
+    CLIP vision tower up to the deepest tap -> f_1..f_n (+CLS)
+    [training: + Gaussian noise] -> Phi (Eq. 12) -> gated MoE (Eq. 13-14) -> decoder -> \hat f_1..\hat f_n
+    prompts (Eq. 2-3) -> frozen text tower -> g_n^i, g_a^i
+    normality promotion (Eq. 5-8) -> f_i*, \hat f_i*
+    training: L = L_distill (9) + L_constraint (11) + L_moe (15)        (Eq. 16)
+    inference: map = sum_i up(1 - cos(f_i*, \hat f_i*)) (Eq. 17), score = max(map)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import CLIPModel, PreTrainedModel
+from transformers.utils import ModelOutput, logging
+
+from .anomaly_map import anomaly_map, gaussian_blur, image_score
+from .configuration_cnc import CNCConfig
+from .decoder import CNCDecoder
+from .fusion import MultiLayerFusion
+from .losses import constraint_loss, distillation_loss, normality_alignment_loss
+from .moe import GatedMixtureOfExperts, importance_loss
+from .normality import normality_promotion
+from .prompts import CNCPromptLearner
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class CNCOutput(ModelOutput):
+    r"""Output of [`CNCModel`].
+
+    Training mode fills the losses; evaluation mode fills `anomaly_map` and `image_score`.
+
+    Args:
+        loss: L_total of Eq. (16) = loss_distill + loss_constraint + loss_moe.
+        loss_distill: Eq. (9).
+        loss_constraint: Eq. (11) (L_c1, plus gamma L_c2 from epoch theta).
+        loss_moe: Eq. (15).
+        loss_c1, loss_c2: Eq. (4) and Eq. (10), reported for logging (L_c2 is computed every epoch).
+        anomaly_map: (B, H, W) at the input resolution, Eq. (17).
+        image_score: (B,), the map reduced per `config.image_score_reduction` (max by default).
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_distill: torch.FloatTensor | None = None
+    loss_constraint: torch.FloatTensor | None = None
+    loss_moe: torch.FloatTensor | None = None
+    loss_c1: torch.FloatTensor | None = None
+    loss_c2: torch.FloatTensor | None = None
+    anomaly_map: torch.FloatTensor | None = None
+    image_score: torch.FloatTensor | None = None
+
+
+class CNCPreTrainedModel(PreTrainedModel):
+    config_class = CNCConfig
+    config: CNCConfig
+    base_model_prefix = "clip"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _supports_sdpa = True
+    _no_split_modules = ["CLIPEncoderLayer", "ResidualAttentionBlock"]
+
+    def _init_weights(self, module):
+        # CLIP's own modules are dispatched to CLIPModel._init_weights by transformers.
+        from transformers import initialization as init
+
+        super()._init_weights(module)
+        if isinstance(module, CNCPromptLearner):
+            init.normal_(module.context, mean=0.0, std=self.config.initializer_range)
+
+
+class CNCModel(CNCPreTrainedModel):
+    r"""CNC (Cross-modal Normality Constraint) for multi-class unsupervised anomaly detection.
+
+    `model(pixel_values, epoch=e)` in train mode returns the losses of Eq. (16); in eval mode
+    the anomaly map (Eq. 17) and image score. Only the prompts, fusion, MoE and decoder train;
+    CLIP stays frozen (also after `from_pretrained`, which re-enables gradients on load).
+    """
+
+    def __init__(self, config: CNCConfig):
+        super().__init__(config)
+        self.clip = CLIPModel(config.clip_config)
+        width = config.vision_hidden_size
+        n = len(config.feature_layers)
+        text = config.clip_config.text_config
+        self.prompt_learner = (
+            CNCPromptLearner(n, config.prompt_length, text.hidden_size, config.normal_token_ids,
+                             config.abnormal_token_ids, config.bos_token_id, config.eos_token_id)
+            if config.use_cnc else None
+        )
+        self.fusion = MultiLayerFusion(n, width, config.fusion_dropout) if config.use_mlf else None
+        self.moe = (
+            GatedMixtureOfExperts(width, config.num_experts, config.moe_top_k, config.expert_mlp_ratio, config.moe_gating)
+            if config.use_moe else None
+        )
+        heads = config.decoder_num_heads or config.clip_config.vision_config.num_attention_heads
+        self.decoder = CNCDecoder(n, width, heads, config.decoder_mlp_ratio)
+        self._text_cache: tuple | None = None
+        self.post_init()
+        self.freeze_clip()
+
+    # ------------------------------------------------------------------ loading / freezing
+    def freeze_clip(self) -> None:
+        """Freeze the CLIP backbone: no gradients, eval mode (it never trains)."""
+        self.clip.requires_grad_(False)
+        self.clip.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.clip.eval()
+        return self
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # transformers 5 loads every tensor with requires_grad=True: re-freeze CLIP here.
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.freeze_clip()
+        return loaded
+
+    @classmethod
+    def from_clip_pretrained(cls, pretrained_model_name_or_path, **overrides) -> "CNCModel":
+        """A new CNC model around a standard CLIP checkpoint (Hub id or local dir).
+
+        CLIP's weights load unchanged and frozen; the CNC parts (prompts, Phi, MoE, decoder) are
+        initialised. `overrides` are CNCConfig fields, plus the Hub arguments `cache_dir`,
+        `revision`, `token`, `local_files_only`, and `dtype` (default float32).
+        """
+        dtype = overrides.pop("dtype", torch.float32)
+        hub_kwargs = {k: overrides[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in overrides}
+        config = CNCConfig.from_clip_pretrained(pretrained_model_name_or_path, **overrides)
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()  # the CNC parts are "newly initialised" by design
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, config=config, dtype=dtype, output_loading_info=True, **hub_kwargs
+            )
+        finally:
+            logging.set_verbosity(verbosity)
+        missing_clip = [k for k in info["missing_keys"] if k.startswith("clip.")]
+        if missing_clip:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is missing CLIP weights: {missing_clip[:5]}"
+                f"{' ...' if len(missing_clip) > 5 else ''} ({len(missing_clip)} in all)."
+            )
+        model.freeze_clip()
+        return model
+
+    # ------------------------------------------------------------------ the frozen encoders
+    @property
+    def patch_size(self) -> int:
+        return self.config.clip_config.vision_config.patch_size
+
+    @torch.no_grad()
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The tapped encoder features f_1..f_n with their CLS token: (B, n, 1 + h*w, C).
+
+        The vision tower runs only up to the deepest tapped layer. CLIP is frozen and its inputs
+        fixed, so these can be cached across epochs (`forward(tapped_features=...)`).
+        """
+        vision = self.clip.vision_model
+        height, width = pixel_values.shape[-2:]
+        native = self.config.clip_config.vision_config.image_size
+        dtype = vision.embeddings.patch_embedding.weight.dtype
+        hidden = vision.embeddings(pixel_values.to(dtype), interpolate_pos_encoding=(height, width) != (native, native))
+        hidden = vision.pre_layrnorm(hidden)
+        wanted = set(self.config.feature_layers)
+        taps = {}
+        for index, layer in enumerate(vision.encoder.layers[: max(wanted)], start=1):
+            hidden = layer(hidden, None)
+            if index in wanted:
+                taps[index] = hidden
+        return torch.stack([taps[i] for i in self.config.feature_layers], dim=1)
+
+    def to_joint_space(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Visual tokens (..., C) -> CLIP's joint space (..., P), L2-normalised, through CLIP's own
+        post-layernorm and visual projection (how CLIP maps its CLS token)."""
+        tokens = self.clip.vision_model.post_layernorm(tokens)
+        return nn.functional.normalize(self.clip.visual_projection(tokens), dim=-1)
+
+    def text_features(self) -> torch.Tensor:
+        """[g_n^i, g_a^i] for every tapped layer: (n, 2, P).
+
+        Outside training the prompts are constants, so the text tower runs once and the result
+        is reused until the prompt parameters change (tracked by their version counter).
+        """
+        context = self.prompt_learner.context
+        key = (context._version, context.data_ptr(), context.device, context.dtype)
+        if self.training:
+            self._text_cache = None
+            return self.prompt_learner(self.clip.text_model, self.clip.text_projection)
+        if self._text_cache is None or self._text_cache[0] != key:
+            # Plain (non-inference) tensors, so the cache also serves grad-enabled calls later.
+            with torch.inference_mode(False), torch.no_grad():
+                features = self.prompt_learner(self.clip.text_model, self.clip.text_projection)
+            self._text_cache = (key, features)
+        return self._text_cache[1]
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        tapped_features: torch.Tensor | None = None,
+        epoch: int = 0,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CNCOutput | tuple:
+        r"""
+        Args:
+            pixel_values: (B, 3, H, W) images normalised with CLIP's mean/std.
+            tapped_features: precomputed `encode_image(pixel_values)` (B, n, 1 + h*w, C); skips
+                the vision tower (feature caching). Maps then come out at h*patch x w*patch,
+                or at `output_size=(H, W)` if given.
+            epoch: the current epoch (from 0), which switches L_c2 on at `config.theta` (Eq. 11).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if tapped_features is None:
+            if pixel_values is None:
+                raise ValueError("CNCModel needs `pixel_values` (B, 3, H, W) or `tapped_features`.")
+            if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+                raise ValueError(f"pixel_values must be (B, 3, H, W), got shape {tuple(pixel_values.shape)}.")
+            p = self.patch_size
+            if pixel_values.shape[-1] % p or pixel_values.shape[-2] % p:
+                raise ValueError(
+                    f"pixel_values of size {tuple(pixel_values.shape[-2:])} are not a multiple of the patch size {p}."
+                )
+            grid = (pixel_values.shape[-2] // p, pixel_values.shape[-1] // p)
+            output_size = tuple(pixel_values.shape[-2:])
+            tapped_features = self.encode_image(pixel_values)
+        else:
+            side = int(round((tapped_features.shape[2] - 1) ** 0.5))
+            grid = kwargs.pop("grid_size", (side, side))
+            output_size = kwargs.pop("output_size", None) or (grid[0] * self.patch_size, grid[1] * self.patch_size)
+        if kwargs:
+            raise TypeError(f"CNCModel.forward got unexpected arguments {sorted(kwargs)}.")
+
+        dtype = self.decoder.blocks[0].qkv.weight.dtype
+        encoded = tapped_features.to(dtype).unbind(dim=1)  # f_1..f_n, each (B, 1 + h*w, C)
+        decoder_input = encoded
+        if self.training and self.config.noise_std > 0:
+            decoder_input = [f + self.config.noise_std * f.std(dim=-1, keepdim=True) * torch.randn_like(f) for f in encoded]
+        fused = self.fusion(list(decoder_input)) if self.fusion is not None else decoder_input[-1]
+        gates = None
+        if self.moe is not None:
+            fused, gates = self.moe(fused)
+        decoded = self.decoder(fused)  # \hat f_1..\hat f_n
+
+        loss_c1 = loss_c2 = None
+        f_star = [f[:, 1:] for f in encoded]
+        f_hat_star = [f[:, 1:] for f in decoded]
+        if self.prompt_learner is not None:
+            g = self.text_features()  # (n, 2, P)
+            with torch.no_grad():
+                enc_joint = torch.stack([self.to_joint_space(f) for f in encoded], dim=1)  # (B, n, 1+L, P)
+            dec_joint = torch.stack([self.to_joint_space(f) for f in decoded], dim=1)
+            f_star = [normality_promotion(f_star[i], enc_joint[:, i, 1:], g[i, 0], g[i, 1]) for i in range(len(encoded))]
+            f_hat_star = [
+                normality_promotion(f_hat_star[i], dec_joint[:, i, 1:], g[i, 0], g[i, 1]) for i in range(len(decoded))
+            ]
+            if self.training:
+                loss_c1 = normality_alignment_loss(enc_joint[:, :, 0], g, self.config.tau)  # Eq. (4)
+                loss_c2 = normality_alignment_loss(dec_joint[:, :, 0], g, self.config.tau)  # Eq. (10)
+
+        if self.training:
+            zero = f_star[0].new_zeros((), dtype=torch.float32)
+            loss_distill = distillation_loss(f_star, f_hat_star)
+            loss_constraint = (
+                constraint_loss(loss_c1, loss_c2, epoch, self.config.theta, self.config.gamma)
+                if loss_c1 is not None else zero
+            )
+            loss_moe = importance_loss(gates, self.config.moe_eps) if gates is not None else zero
+            output = CNCOutput(
+                loss=loss_distill + loss_constraint + loss_moe,  # Eq. (16)
+                loss_distill=loss_distill, loss_constraint=loss_constraint, loss_moe=loss_moe,
+                loss_c1=loss_c1, loss_c2=loss_c2,
+            )
+        else:
+            maps = anomaly_map(f_star, f_hat_star, grid, output_size)
+            maps = gaussian_blur(maps, self.config.map_smoothing_sigma)
+            output = CNCOutput(anomaly_map=maps, image_score=image_score(maps, self.config.image_score_reduction))
+        return output if return_dict else output.to_tuple()
+
+
+CNCModel.register_for_auto_class("AutoModel")

@@ -1,0 +1,85 @@
+"""Gated mixture-of-experts, Eq. (13)-(15)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ExpertMLP(nn.Module):
+    """One expert E_t: Linear - GELU - Linear (the paper says only "a MLP")."""
+
+    def __init__(self, hidden_size: int, inner_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, inner_size)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(inner_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def route_top_k(logits: torch.Tensor, top_k: int, gating: str = "topk_softmax"):
+    r"""Top-K routing of Eq. (13)-(14).
+
+    Args:
+        logits: router outputs G(z_r) before normalisation, (R, T).
+    Returns:
+        `(gates, indices, weights)`: `gates` (R, T) holds H_t for the K chosen experts and 0
+        elsewhere (the G(z_r) summed by the importance loss); `indices`/`weights` (R, K) are the
+        chosen experts and their H_k.
+        `"topk_softmax"`: H = softmax over the K largest logits (each row of weights sums to 1).
+        `"softmax_topk"`: H = the K largest entries of softmax over all T logits.
+    """
+    if gating == "topk_softmax":
+        top_logits, indices = logits.topk(top_k, dim=-1)
+        weights = top_logits.softmax(dim=-1)
+    elif gating == "softmax_topk":
+        weights, indices = logits.softmax(dim=-1).topk(top_k, dim=-1)
+    else:
+        raise ValueError(f"unknown moe gating {gating!r}")
+    gates = torch.zeros_like(logits).scatter(-1, indices, weights)
+    return gates, indices, weights
+
+
+def importance_loss(gates: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    r"""Eq. (15): L_moe = SD(I)^2 / (mean(I)^2 + eps) with I = sum_r G(z_r) in R^T.
+
+    The squared coefficient of variation of the experts' importance (Bengio et al. 2015). The
+    paper writes the denominator as the per-patch mean; the ratio is the same up to eps,
+    since R cancels. SD is the population standard deviation over the T experts, so T = 1
+    gives 0 rather than NaN.
+    """
+    importance = gates.float().sum(dim=0)
+    return importance.var(correction=0) / (importance.mean() ** 2 + eps)
+
+
+class GatedMixtureOfExperts(nn.Module):
+    r"""Router G (Eq. 13) and T experts; each patch z_r goes through its top-K experts and
+    z*_r = sum_k H_k E_k(z_r) (Eq. 14)."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, mlp_ratio: float = 1.0,
+                 gating: str = "topk_softmax"):
+        super().__init__()
+        self.top_k, self.gating = top_k, gating
+        self.router = nn.Linear(hidden_size, num_experts)
+        inner = max(1, int(round(hidden_size * mlp_ratio)))
+        self.experts = nn.ModuleList(ExpertMLP(hidden_size, inner) for _ in range(num_experts))
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z (..., C) -> (z* (..., C), gates (R, T)) with R = number of tokens."""
+        flat = z.reshape(-1, z.shape[-1])
+        gates, indices, weights = route_top_k(self.router(flat), self.top_k, self.gating)
+        out = None
+        # One dispatch per expert (T iterations), never per patch or per image.
+        for t, expert in enumerate(self.experts):
+            rows, slot = (indices == t).nonzero(as_tuple=True)
+            if rows.numel() == 0:
+                continue
+            y = weights[rows, slot].unsqueeze(-1) * expert(flat[rows])
+            if out is None:
+                out = flat.new_zeros(flat.shape, dtype=y.dtype)
+            out.index_add_(0, rows, y.to(out.dtype))
+        if out is None:  # no tokens
+            out = torch.zeros_like(flat)
+        return out.reshape(z.shape), gates
