@@ -1,0 +1,60 @@
+"""The `cnc-hf` command line: demo, train, evaluate, predict, push, app.
+
+Each subcommand is a thin front for a module that also runs on its own, so `--help` of the
+subcommand is that module's help:
+
+    cnc-hf demo                      build demo data, train, evaluate, save, predict (minutes on a CPU)
+    cnc-hf train ...                 = python -m training.train ... (accelerate launch for many GPUs)
+    cnc-hf evaluate --model DIR ...  = python -m cnc_hf.evaluation ...
+    cnc-hf predict IMG... --model DIR [--output_dir DIR]
+    cnc-hf push MODEL_DIR REPO_ID    = python -m cnc_hf.hub push ...
+    cnc-hf app --model DIR_OR_ID     a Gradio app (pip install cnc-hf[app])
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import subprocess
+import sys
+
+COMMANDS = {
+    "demo": ("cnc_hf.demo", "build the demo data set, train, evaluate, save and predict, in minutes on a CPU"),
+    "train": (None, "train CNC (forwards to training/train.py; see `cnc-hf train --help`)"),
+    "evaluate": ("cnc_hf.evaluation", "evaluate a model dir on a data set: per-category table (markdown + JSON)"),
+    "predict": ("cnc_hf.predict", "score images with a model and write heat-map overlays"),
+    "push": ("cnc_hf.hub", "upload a finished model dir (weights, code, card) to the Hugging Face Hub"),
+    "app": ("cnc_hf.app", "start a Gradio app to try a model in the browser"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: cnc-hf COMMAND [ARGS...]", "", "CNC anomaly detection (AAAI 2025), Hugging Face-native.", "",
+             "commands:"]
+    lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `cnc-hf COMMAND --help` for the flags of each command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(_usage(), file=sys.stderr)
+        print(f"\ncnc-hf: unknown command {command!r}; expected one of {', '.join(COMMANDS)}.", file=sys.stderr)
+        return 2
+    if command == "train":
+        # A separate process: the package never imports the training code (training -> cnc_hf only).
+        return subprocess.call([sys.executable, "-m", "training.train", *rest])
+    module = importlib.import_module(COMMANDS[command][0])
+    if command == "push" and (not rest or rest[0] != "push"):
+        rest = ["push", *rest]
+    result = module.main(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
