@@ -1,0 +1,312 @@
+"""Evaluation of a CNC model on an anomaly data set: the loop shared by training and the command line.
+
+    python -m cnc_hf.evaluation --model out/cnc-mvtec --dataset mvtec --data_dir /data/mvtec_ad
+    accelerate launch -m cnc_hf.evaluation --model ... (the test set is sharded over the processes)
+
+writes `metrics.json` (pooled, per category and the paper's mean over categories) and `metrics.md`
+(the per-category table in the layout of the paper's Table 1: I-AUROC / P-AUROC / AUPRO / I-AP /
+P-AP / mTotal), and with `--heatmaps N` N heat-map PNGs (image | anomaly map overlay | ground truth).
+
+(The module is not called `evaluate.py`: it would shadow the `evaluate` package.)
+
+Multi-process: each process scores its shard of the test set and the results are collected with
+Accelerate's `gather_for_metrics`, which drops the duplicates that pad the last batch, so the
+metrics see every test image exactly once. Categories travel through the gather as integer ids
+(strings cannot be gathered), named by `AnomalyMetricAccumulator(category_names=...)`.
+
+Decision threshold (`calibrate_threshold`): the CNC paper evaluates threshold-free metrics only,
+but a deployed detector needs a yes/no. Without test labels the one honest source is normal
+images the model has not trained on: the trainer holds out a fraction of the normal training
+images, scores them and takes a high quantile (0.99, linear interpolation) of their image scores.
+The quantile targets a ~1% false-alarm rate on normal images; unlike the maximum it is not set by
+a single odd image once there are more than a handful of held-out images (with few it is close to
+the maximum). The threshold is pooled over categories because the model, and the pipeline that
+applies the threshold, are category-agnostic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+DEFAULT_THRESHOLD_QUANTILE = 0.99
+THRESHOLD_METHOD = "quantile of the image scores of held-out normal training images (linear interpolation)"
+
+
+# ----------------------------------------------------------------------------- the scoring loop
+def _score_batches(model, processor, dataset_split, batch_size: int, accelerator=None, num_workers: int = 0,
+                   progress: bool = True, desc: str = "eval"):
+    """Yield (batch, anomaly_map, image_score) for every batch of this process's shard.
+
+    With an `accelerator` the loader is sharded over the processes (padded to even batches; the
+    caller gathers with `gather_for_metrics`). The model runs in eval mode, without autocast, so that
+    scores are the same whatever mixed precision training used.
+    """
+    from tqdm.auto import tqdm
+
+    from cnc_hf.data import make_collate_fn
+
+    if accelerator is not None:
+        model = accelerator.unwrap_model(model)
+    was_training = model.training
+    model.eval()
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    loader = DataLoader(dataset_split, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=make_collate_fn(processor))
+    if accelerator is not None:
+        # prepare_data_loader, not prepare: the loader must not join the accelerator's checkpointed state.
+        from accelerate.data_loader import prepare_data_loader
+
+        loader = prepare_data_loader(loader, device, num_processes=accelerator.num_processes,
+                                     process_index=accelerator.process_index, put_on_device=True)
+    main = accelerator is None or accelerator.is_local_main_process
+    try:
+        with torch.no_grad():
+            for batch in tqdm(loader, desc=desc, disable=not (progress and main), leave=False):
+                output = model(pixel_values=batch["pixel_values"].to(device))
+                yield batch, output.anomaly_map.float(), output.image_score.float()
+    finally:
+        model.train(was_training)
+
+
+def _gather(accelerator, tensors):
+    return tensors if accelerator is None else accelerator.gather_for_metrics(tensors)
+
+
+def predict_image_scores(model, processor, dataset_split, batch_size: int = 8, accelerator=None,
+                         num_workers: int = 0, progress: bool = True) -> tuple[np.ndarray, list[str]]:
+    """Image scores of every image of `dataset_split` (gathered over processes) and their categories."""
+    names = sorted(set(dataset_split["category"]))
+    ids = {name: i for i, name in enumerate(names)}
+    scores, categories = [], []
+    for batch, _, score in _score_batches(model, processor, dataset_split, batch_size, accelerator, num_workers,
+                                           progress, desc="calibrate"):
+        cat = torch.tensor([ids[c] for c in batch["categories"]], device=score.device)
+        score, cat = _gather(accelerator, (score, cat))
+        scores.append(score.cpu().numpy())
+        categories += [names[i] for i in cat.tolist()]
+    return np.concatenate(scores).astype(np.float64), categories
+
+
+def calibrate_threshold(model, processor, normal_split, quantile: float = DEFAULT_THRESHOLD_QUANTILE,
+                        batch_size: int = 8, accelerator=None, num_workers: int = 0, progress: bool = True,
+                        return_details: bool = False) -> float | tuple[float, dict]:
+    """The decision threshold: the `quantile` (linear interpolation) of the image scores of
+    `normal_split`, normal images the model has not trained on (see the module docstring).
+
+    `quantile=1.0` is the maximum. With `return_details` also returns a dict for metrics.json
+    (method, quantile, image count, per-category quantiles and maxima).
+    """
+    if not 0.0 < quantile <= 1.0:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+    if len(normal_split) == 0:
+        raise ValueError("calibrate_threshold: the normal split is empty; hold out at least one normal image.")
+    if "label" in normal_split.column_names and any(int(v) != 0 for v in normal_split["label"]):
+        raise ValueError("calibrate_threshold: the calibration split must hold normal images only (label 0).")
+    scores, categories = predict_image_scores(model, processor, normal_split, batch_size, accelerator, num_workers,
+                                              progress)
+    threshold = float(np.quantile(scores, quantile, method="linear"))
+    if not return_details:
+        return threshold
+    per_category = {}
+    for name in sorted(set(categories)):
+        s = scores[np.asarray(categories) == name]
+        per_category[name] = {"num_images": int(s.size), "quantile": float(np.quantile(s, quantile)),
+                              "max": float(s.max())}
+    details = {"value": threshold, "method": THRESHOLD_METHOD, "quantile": quantile,
+               "num_calibration_images": int(scores.size), "calibration_score_max": float(scores.max()),
+               "per_category": per_category}
+    return threshold, details
+
+
+def threshold_decisions(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
+    """Image-level precision, recall, F1 and accuracy of `score >= threshold` (the pipeline's rule)."""
+    pred, truth = scores >= threshold, labels.astype(bool)
+    tp, fp = int((pred & truth).sum()), int((pred & ~truth).sum())
+    fn, tn = int((~pred & truth).sum()), int((~pred & ~truth).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "accuracy": (tp + tn) / max(1, tp + fp + fn + tn),
+            "false_positive_rate": fp / (fp + tn) if fp + tn else 0.0}
+
+
+# ----------------------------------------------------------------------------- the evaluation loop
+def evaluate_model(model, processor, dataset_split, batch_size: int = 8, accelerator=None,
+                   heatmap_dir: str | os.PathLike | None = None, progress: bool = True, max_heatmaps: int = 16,
+                   num_workers: int = 0) -> dict:
+    """Evaluate `model` on a labelled split (columns image, mask, label, category): every process
+    returns the same dict, the output of `compute_anomaly_metrics` with per-category results and
+    their mean (the paper's "Mean" row), plus:
+
+    - "num_images": how many test images were scored (exactly `len(dataset_split)`),
+    - "world_size": the number of processes that shared the work,
+    - "threshold": image-level precision/recall/F1 at `model.config.threshold`, if one is set.
+
+    `heatmap_dir`: write up to `max_heatmaps` PNGs there (spread over the categories, anomalous
+    images first), each image | anomaly map over the image | ground truth.
+    """
+    from cnc_hf.metrics import AnomalyMetricAccumulator
+
+    names = sorted(set(dataset_split["category"]))
+    ids = {name: i for i, name in enumerate(names)}
+    accumulator = AnomalyMetricAccumulator(category_names=names)
+    unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
+    threshold = getattr(unwrapped.config, "threshold", None)
+    wanted = _heatmap_paths(dataset_split, max_heatmaps) if heatmap_dir is not None else set()
+    if wanted:
+        Path(heatmap_dir).mkdir(parents=True, exist_ok=True)
+
+    for batch, maps, scores in _score_batches(model, processor, dataset_split, batch_size, accelerator, num_workers,
+                                              progress, desc="evaluate"):
+        for i, path in enumerate(batch["paths"]):  # each process draws the images of its own shard
+            if path in wanted:
+                _write_heatmap(Path(heatmap_dir), path, batch["categories"][i], batch["pixel_values"][i], maps[i],
+                               batch["masks"][i], processor, threshold)
+        device = scores.device
+        labels = batch["labels"].to(device)
+        masks = batch["masks"].to(device=device, dtype=torch.uint8)  # gloo gathers no bool
+        cats = torch.tensor([ids[c] for c in batch["categories"]], device=device)
+        scores, labels, maps, masks, cats = _gather(accelerator, (scores, labels, maps, masks, cats))
+        accumulator.update(scores, labels, maps.cpu(), masks.cpu().bool(), categories=cats)
+
+    # Every process holds the gathered set; computing on each keeps the return value the same everywhere.
+    results = accumulator.compute()
+    scores = np.concatenate(accumulator._scores)
+    labels = np.concatenate(accumulator._labels)
+    results["num_images"] = int(scores.size)
+    results["world_size"] = 1 if accelerator is None else int(accelerator.num_processes)
+    if threshold is not None:
+        results["threshold"] = {"value": float(threshold), **threshold_decisions(scores, labels, float(threshold))}
+    return results
+
+
+def _heatmap_paths(dataset_split, limit: int) -> set[str]:
+    """Up to `limit` image paths, round-robin over categories, anomalous images first."""
+    if limit <= 0:
+        return set()
+    by_category: dict[str, list[str]] = {}
+    rows = zip(dataset_split["path"], dataset_split["category"], dataset_split["label"])
+    for path, category, label in sorted(rows, key=lambda r: (r[1], -int(r[2]), r[0])):
+        by_category.setdefault(category, []).append(path)
+    chosen: list[str] = []
+    while len(chosen) < limit and any(by_category.values()):
+        for paths in by_category.values():
+            if paths and len(chosen) < limit:
+                chosen.append(paths.pop(0))
+    return set(chosen)
+
+
+def _write_heatmap(out_dir: Path, path: str, category: str, pixel_values: torch.Tensor, anomaly_map: torch.Tensor,
+                   mask: torch.Tensor, processor, threshold: float | None) -> None:
+    """image | map over image | ground truth, side by side, at the model's resolution. Coloured as the
+    pipeline does (`overlay_heatmap`): 0 to 2x the threshold when one is known, else per image."""
+    import PIL.Image
+
+    from modeling.pipeline_cnc import overlay_heatmap
+
+    mean = np.asarray(processor.image_mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(processor.image_std, dtype=np.float32)[:, None, None]
+    pixels = np.clip((pixel_values.float().cpu().numpy() * std + mean).transpose(1, 2, 0), 0, 1)
+    image = PIL.Image.fromarray((pixels * 255).round().astype(np.uint8), "RGB")
+    value_range = (0.0, 2.0 * threshold) if threshold else None
+    overlay = overlay_heatmap(image, anomaly_map.float().cpu(), value_range)
+    truth = PIL.Image.fromarray((mask.float().cpu().numpy() * 255).astype(np.uint8), "L").convert("RGB")
+    panel = PIL.Image.new("RGB", (3 * image.width, image.height))
+    for i, part in enumerate((image, overlay, truth)):
+        panel.paste(part, (i * image.width, 0))
+    source = Path(path)
+    target = out_dir / f"{category}_{source.parent.name}_{source.stem}.png"  # e.g. bottle_broken_large_000.png
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    panel.save(tmp, format="PNG")
+    os.replace(tmp, target)  # padding duplicates on two processes may write the same file
+
+
+# ----------------------------------------------------------------------------- outputs
+def write_metrics(metrics: dict, output_dir: str | os.PathLike, extra: dict | None = None) -> tuple[Path, Path]:
+    """metrics.json (everything) and metrics.md (the paper's per-category table) in `output_dir`."""
+    from cnc_hf.metrics import format_metrics_table
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {**metrics, **(extra or {})}
+    json_path, md_path = out / "metrics.json", out / "metrics.md"
+    json_path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    md_path.write_text(format_metrics_table(metrics) + "\n")
+    return json_path, md_path
+
+
+# ----------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cnc_hf.evaluation",
+        description="Evaluate a CNC model dir on the test split of an anomaly data set: per-category table in the "
+                    "paper's layout (metrics.md) and metrics.json. Runs under `accelerate launch` too.",
+    )
+    parser.add_argument("--model", required=True, help="a model dir saved by training/train.py (or a Hub id)")
+    parser.add_argument("--dataset", required=True,
+                        help="mvtec, visa, demo, a parquet dataset dir or a Hub dataset id")
+    parser.add_argument("--data_dir", default=None, help="the dataset folder (required for mvtec/visa/demo)")
+    parser.add_argument("--categories", nargs="+", default=None, help="evaluate only these categories")
+    parser.add_argument("--output_dir", default=None,
+                        help="where metrics.json/metrics.md (and heatmaps/) go (default: <model>/evaluation for a "
+                             "local model dir, ./evaluation otherwise)")
+    parser.add_argument("--heatmaps", type=int, default=0, metavar="N",
+                        help="write N heat-map PNGs to <output_dir>/heatmaps (default: %(default)s)")
+    parser.add_argument("--batch_size", type=int, default=8, help="images per forward pass (default: %(default)s)")
+    parser.add_argument("--num_workers", type=int, default=0, help="data loader workers (default: %(default)s)")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch_size must be >= 1, got {args.batch_size}")
+    from accelerate import Accelerator
+
+    from cnc_hf.data import load_anomaly_dataset
+    from modeling import CNCModel
+    from modeling.image_processing_cnc import CNCImageProcessor
+
+    model_path = Path(args.model)
+    if args.output_dir is not None:
+        output_dir = Path(args.output_dir)
+    else:
+        output_dir = model_path / "evaluation" if model_path.is_dir() else Path("evaluation")
+    if model_path.exists() and not (model_path / "config.json").is_file():
+        raise SystemExit(f"--model {args.model}: no config.json there; expected a model dir saved by training.")
+
+    accelerator = Accelerator(cpu=args.cpu)
+    dataset = load_anomaly_dataset(args.dataset, data_dir=args.data_dir, categories=args.categories)
+    test = dataset["test"]
+    model = CNCModel.from_pretrained(args.model, dtype=torch.float32).to(accelerator.device)
+    processor = CNCImageProcessor.from_pretrained(args.model)
+    heatmap_dir = output_dir / "heatmaps" if args.heatmaps > 0 else None
+    metrics = evaluate_model(model, processor, test, batch_size=args.batch_size, accelerator=accelerator,
+                             heatmap_dir=heatmap_dir, progress=not args.no_progress, max_heatmaps=args.heatmaps,
+                             num_workers=args.num_workers)
+    if accelerator.is_main_process:
+        extra = {"evaluation": {"model": str(args.model), "dataset": str(args.dataset),
+                                "data_dir": None if args.data_dir is None else str(args.data_dir), "split": "test"}}
+        json_path, md_path = write_metrics(metrics, output_dir, extra)
+        from cnc_hf.metrics import format_metrics_table
+
+        print(format_metrics_table(metrics))
+        print(f"\n{metrics['num_images']} test images on {metrics['world_size']} process(es); wrote {json_path} "
+              f"and {md_path}" + (f" and heat maps in {heatmap_dir}" if heatmap_dir else ""))
+    accelerator.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
