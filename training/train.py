@@ -1,0 +1,552 @@
+"""Train CNC (Cross-modal Normality Constraint, AAAI 2025) with Accelerate; the output dir is a finished model.
+
+One GPU, many GPUs or many machines, the same script:
+
+    python training/train.py --dataset mvtec --data_dir /data/mvtec_ad --output_dir out/cnc-mvtec
+    accelerate launch --multi_gpu --num_processes 8 training/train.py --dataset visa --data_dir /data/visa ...
+    accelerate launch --multi_gpu --num_processes 2 training/train.py --cpu ...   (2 CPU processes, gloo)
+
+Defaults are the paper's (Implementation Details): CLIP ViT-L/14@336px at 224x224, Adam,
+lr 1e-3, batch size 8, 250 epochs on MVTec AD / 200 on VisA, theta = 5, gamma = 0.1,
+tau = 0.001, T = 5 experts, top K = 2, prompts of M = 12 tokens. Epochs are counted from 0 as in
+Eq. (11): L_c2 joins at epoch index theta, i.e. from the 6th epoch. Only the trainable parameters
+(prompts, fusion, MoE, decoder) go to Adam; CLIP stays frozen.
+
+What the output dir holds at the end: model.safetensors + config.json (with the calibrated
+`threshold`), preprocessor_config.json, the model's code files (trust_remote_code), README.md
+(model card with the measured test metrics), metrics.json / metrics.md (per category + the
+paper's mean), train_log.jsonl (per-epoch losses and times), checkpoints/ and runs/ (TensorBoard).
+
+Design choices (also in --help):
+- Decision threshold: `--calibration_fraction` (default 0.1) of the normal TRAINING images of each
+  category (at least one when a category has two or more) is held out of training; after training,
+  threshold = the `--threshold_quantile` (0.99, linear interpolation) of their image scores. No
+  test label is used. Stored as `config.threshold`; the method is recorded in metrics.json.
+- `--cache_features`: the frozen encoder's tapped features are computed once per training image
+  (training/feature_cache.py). Exact, because CLIP is frozen and there is no augmentation.
+- Sharding: each process trains on a fixed shard, reshuffled each epoch (training/sharding.py).
+- Checkpoints: `accelerator.save_state` into a temporary dir, metadata written last, atomic
+  rename (training/checkpointing.py); `--resume` continues from the latest complete one, epoch
+  counter and RNG states included, and gives the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (`accelerate launch training/train.py`): make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+EPOCH_DEFAULTS = {"mvtec": 250, "visa": 200, "demo": 15}  # the paper's, and a quick one for the demo set
+OTHER_DATASET_EPOCHS = 200
+NAMED_DATASETS = ("mvtec", "mvtec_ad", "mvtec-ad", "mvtecad", "visa", "demo")
+DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
+DEFAULT_DEMO_DIR = "data/cnc_demo"
+LOSS_NAMES = ("loss", "loss_distill", "loss_constraint", "loss_moe", "loss_c1", "loss_c2")
+# Flags that define a run: resuming with other values would silently mix two different trainings.
+RUN_IDENTITY_FLAGS = ("dataset", "categories", "clip_model", "image_size", "lr", "seed", "calibration_fraction",
+                      "max_train_samples", "tau", "gamma", "theta", "num_experts", "moe_top_k", "prompt_length",
+                      "no_mlf", "no_cnc", "no_moe", "config_override", "batch_size")
+
+
+class TrainingSetupError(ValueError):
+    """A bad flag, path or data set, found before any training starts; the message names the flag."""
+
+
+# ----------------------------------------------------------------------------- arguments
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="training/train.py",
+        description=__doc__.split("\n\n")[0] + " Defaults are the paper's; see the module docstring for the design "
+        "choices. Launch with `accelerate launch` for several GPUs or machines.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", required=True,
+                      help="mvtec, visa, demo (MVTec layout, generated into --data_dir when empty), a parquet "
+                           "dataset dir or a Hub dataset id")
+    data.add_argument("--data_dir", default=None,
+                      help=f"dataset folder; required for mvtec/visa, default {DEFAULT_DEMO_DIR} for demo")
+    data.add_argument("--categories", nargs="+", default=None, help="train and evaluate on these categories only")
+    data.add_argument("--max_train_samples", type=int, default=None,
+                      help="train on at most this many images (after the calibration hold-out), for quick runs")
+    data.add_argument("--calibration_fraction", type=float, default=0.1,
+                      help="fraction of each category's normal training images held out of training to calibrate "
+                           "the decision threshold (at least 1 per category with >= 2 images); 0 disables")
+    data.add_argument("--threshold_quantile", type=float, default=0.99,
+                      help="threshold = this quantile (linear interpolation) of the held-out images' scores; 1 = max")
+    data.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
+                      help="data loader worker processes (image decoding)")
+
+    model = parser.add_argument_group("model (paper values by default)")
+    model.add_argument("--clip_model", default=DEFAULT_CLIP, help="CLIP checkpoint: a local dir or a Hub id")
+    model.add_argument("--image_size", type=int, default=224, help="input resolution (the paper: 224)")
+    model.add_argument("--theta", type=int, default=5, help="epoch index (from 0) at which L_c2 joins, Eq. (11)")
+    model.add_argument("--gamma", type=float, default=0.1, help="weight of L_c2, Eq. (11)")
+    model.add_argument("--tau", type=float, default=0.001, help="temperature of Eq. (4)/(10)")
+    model.add_argument("--num_experts", type=int, default=5, help="T, experts of the gated MoE")
+    model.add_argument("--moe_top_k", type=int, default=2, help="K, experts per patch")
+    model.add_argument("--prompt_length", type=int, default=12, help="M, learnable tokens per prompt")
+    model.add_argument("--no_mlf", action="store_true", help="ablation: no multi-layer fusion")
+    model.add_argument("--no_cnc", action="store_true", help="ablation: no cross-modal normality constraint")
+    model.add_argument("--no_moe", action="store_true", help="ablation: no gated mixture of experts")
+    model.add_argument("--config_override", action="append", default=[], metavar="KEY=VALUE",
+                       help="set any other CNCConfig field (VALUE parsed as JSON when it can be), repeatable, "
+                            "e.g. --config_override noise_std=0.05")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", required=True, help="where the finished model, logs and checkpoints go")
+    train.add_argument("--overwrite_output_dir", action="store_true",
+                       help="train into an output dir that holds another run (its checkpoints are deleted)")
+    train.add_argument("--epochs", type=int, default=None,
+                       help="default: 250 for mvtec, 200 for visa (the paper), 15 for demo, 200 otherwise")
+    train.add_argument("--batch_size", type=int, default=8, help="images per process per step (the paper: 8)")
+    train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (the paper: 0.001)")
+    train.add_argument("--seed", type=int, default=0, help="seed of initialisation, hold-out split and data order")
+    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                       help="autocast for training (bf16 works on CPU); default: the accelerate config's")
+    train.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    train.add_argument("--cache_features", action="store_true",
+                       help="compute the frozen CLIP features of each training image once and reuse them every "
+                            "epoch (exact: CLIP is frozen, no augmentation); much faster epochs")
+    train.add_argument("--cache_dir", default=None,
+                       help="keep the feature cache in memory-mapped files here (reused by later runs with the "
+                            "same model and data); default: in memory")
+    train.add_argument("--cache_dtype", choices=["float32", "float16", "bfloat16"], default="float16",
+                       help="storage dtype of the feature cache (ViT-L/14, MVTec AD: 5.7 GB in float16)")
+    train.add_argument("--save_every", type=int, default=10, help="checkpoint every N epochs (and after the last)")
+    train.add_argument("--save_total_limit", type=int, default=2, help="keep only the newest N checkpoints")
+    train.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                       help="continue from the latest complete checkpoint in output_dir/checkpoints (or from the "
+                            "given checkpoint dir)")
+    train.add_argument("--report_to", choices=["tensorboard", "none"], default="tensorboard" if _has_tensorboard() else "none",
+                       help="per-epoch loss logging besides stdout and train_log.jsonl")
+    train.add_argument("--no_progress", action="store_true", help="no progress bars")
+
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--no_eval", action="store_true", help="skip the test-set evaluation at the end")
+    evaluation.add_argument("--eval_batch_size", type=int, default=16, help="batch size for evaluation and caching")
+    evaluation.add_argument("--heatmaps", type=int, default=0, metavar="N",
+                            help="write N heat-map PNGs of test images to output_dir/heatmaps")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    positive = ["batch_size", "eval_batch_size", "image_size", "num_experts", "moe_top_k", "prompt_length"]
+    for name in positive + ["epochs", "max_train_samples"]:
+        value = getattr(args, name)
+        if value is not None and value < (1 if name in positive + ["max_train_samples"] else 0):
+            raise TrainingSetupError(f"--{name} must be positive, got {value}")
+    if not 0 <= args.calibration_fraction < 1:
+        raise TrainingSetupError(f"--calibration_fraction must be in [0, 1), got {args.calibration_fraction}")
+    if not 0 < args.threshold_quantile <= 1:
+        raise TrainingSetupError(f"--threshold_quantile must be in (0, 1], got {args.threshold_quantile}")
+    if args.save_every < 0 or args.num_workers < 0 or args.heatmaps < 0:
+        raise TrainingSetupError("--save_every, --num_workers and --heatmaps must be >= 0")
+    if args.report_to == "tensorboard" and not _has_tensorboard():
+        raise TrainingSetupError("--report_to tensorboard needs the tensorboard package (pip install tensorboard)")
+    key = str(args.dataset).lower()
+    if args.epochs is None:
+        default_key = "mvtec" if key.startswith("mvtec") else key
+        args.epochs = EPOCH_DEFAULTS.get(default_key, OTHER_DATASET_EPOCHS)
+    if key == "demo" and args.data_dir is None:
+        args.data_dir = DEFAULT_DEMO_DIR
+    return args
+
+
+def config_overrides(args) -> dict:
+    """CNCConfig fields from the flags."""
+    overrides = {"image_size": args.image_size, "theta": args.theta, "gamma": args.gamma, "tau": args.tau,
+                 "num_experts": args.num_experts, "moe_top_k": args.moe_top_k, "prompt_length": args.prompt_length,
+                 "use_mlf": not args.no_mlf, "use_cnc": not args.no_cnc, "use_moe": not args.no_moe}
+    from modeling import CNCConfig
+
+    known = set(CNCConfig().to_dict())
+    for item in args.config_override:
+        name, sep, raw = item.partition("=")
+        if not sep or name not in known or name in ("clip_config", "threshold"):
+            raise TrainingSetupError(f"--config_override {item!r}: expected KEY=VALUE with KEY a CNCConfig field "
+                                     f"(not clip_config/threshold)")
+        try:
+            overrides[name] = json.loads(raw)
+        except ValueError:
+            overrides[name] = raw
+    return overrides
+
+
+# ----------------------------------------------------------------------------- checks before training
+def check_output_dir(args) -> None:
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise TrainingSetupError(f"--output_dir {out} exists and is not a directory")
+    if args.resume is not None:
+        from training.checkpointing import latest_checkpoint
+
+        target = latest_checkpoint(out) if args.resume == "latest" else Path(args.resume)
+        if target is None:
+            raise TrainingSetupError(f"--resume: no complete checkpoint in {out / 'checkpoints'}; "
+                                     "drop --resume to start a new run")
+        if not (Path(target) / "checkpoint.json").is_file():
+            raise TrainingSetupError(f"--resume {args.resume}: not a complete checkpoint (no checkpoint.json)")
+        args.resume = str(target)
+        return
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite_output_dir:
+        held = ", ".join(sorted(p.name for p in out.iterdir())[:6])
+        raise TrainingSetupError(
+            f"--output_dir {out} already holds another run ({held}); pass --resume to continue it, "
+            "--overwrite_output_dir to replace it, or choose another --output_dir"
+        )
+
+
+def check_clip_model(name: str) -> None:
+    """A local CLIP dir must hold a config and weights; anything else must look like a Hub id."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise TrainingSetupError(f"--clip_model {name}: not a directory")
+        if not (path / "config.json").is_file():
+            raise TrainingSetupError(f"--clip_model {name}: no config.json; expected a CLIP checkpoint dir")
+        weights = [*path.glob("*.safetensors"), *path.glob("pytorch_model*.bin"), *path.glob("*.index.json")]
+        if not weights:
+            raise TrainingSetupError(f"--clip_model {name}: no weights (model.safetensors or pytorch_model.bin) in "
+                                     "the dir; a CLIP checkpoint needs its weights")
+    elif name.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+        raise TrainingSetupError(f"--clip_model {name}: no such directory (and not a Hub id)")
+
+
+def check_dataset_name(args) -> None:
+    name = str(args.dataset)
+    if name.lower() in NAMED_DATASETS or Path(name).expanduser().exists():
+        if name.lower() in ("mvtec", "mvtec_ad", "mvtec-ad", "mvtecad", "visa"):
+            if args.data_dir is None:
+                raise TrainingSetupError(f"--dataset {name} needs --data_dir (the dataset folder)")
+            if not Path(args.data_dir).expanduser().is_dir():
+                raise TrainingSetupError(f"--data_dir {args.data_dir}: no such directory")
+        return
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise TrainingSetupError(f"--dataset {name!r}: unknown dataset; expected one of mvtec, visa, demo, a parquet "
+                                 "dataset dir or a Hub dataset id (owner/name)")
+
+
+def load_data(args):
+    """The dataset, with clear errors; returns (train, calibration or None, test or None)."""
+    from cnc_hf.data import load_anomaly_dataset
+
+    try:
+        dataset = load_anomaly_dataset(args.dataset, data_dir=args.data_dir, categories=args.categories)
+    except (OSError, ValueError, ConnectionError) as err:
+        raise TrainingSetupError(f"--dataset {args.dataset} --data_dir {args.data_dir}: {err}") from err
+    train, calibration = split_train_calibration(dataset["train"], args.calibration_fraction, args.seed,
+                                                 args.max_train_samples)
+    test = None if args.no_eval else dataset["test"]
+    if test is not None:
+        check_test_split(test)
+    return train, calibration, test
+
+
+def split_train_calibration(train, fraction: float, seed: int, max_train_samples: int | None = None):
+    """Hold out `fraction` of each category's normal training images (at least 1 where a category
+    has >= 2); the rest (optionally capped at `max_train_samples`) is the training set."""
+    labels = np.asarray(train["label"])
+    categories = np.asarray(train["category"])
+    if (labels != 0).any():
+        print(f"note: dropping {(labels != 0).sum()} training images labelled anomalous (training is unsupervised)")
+    rng = np.random.default_rng(seed)
+    keep, hold = [], []
+    for category in sorted(set(categories)):
+        idx = np.flatnonzero((categories == category) & (labels == 0))
+        rng.shuffle(idx)
+        n_hold = 0 if fraction == 0 or idx.size < 2 else min(idx.size - 1, max(1, round(fraction * idx.size)))
+        hold += idx[:n_hold].tolist()
+        keep += idx[n_hold:].tolist()
+    if max_train_samples is not None and len(keep) > max_train_samples:
+        keep = rng.choice(np.asarray(keep), size=max_train_samples, replace=False).tolist()
+    if not keep:
+        raise TrainingSetupError("no normal training images left to train on (check --categories / the dataset)")
+    calibration = train.select(sorted(hold)) if hold else None
+    return train.select(sorted(keep)), calibration
+
+
+def check_test_split(test) -> None:
+    """Image AUROC needs normal and anomalous test images in every category; say so before training."""
+    labels = np.asarray(test["label"])
+    categories = np.asarray(test["category"])
+    for category in sorted(set(categories)):
+        found = set(labels[categories == category].tolist())
+        if found != {0, 1}:
+            kind = "anomalous" if 1 not in found else "normal"
+            raise TrainingSetupError(f"test split: category {category!r} has no {kind} image, so it cannot be "
+                                     "evaluated; fix the data or pass --no_eval")
+
+
+# ----------------------------------------------------------------------------- pieces of the run
+def build_model(args):
+    from modeling import CNCModel
+
+    try:
+        return CNCModel.from_clip_pretrained(args.clip_model, **config_overrides(args))
+    except TrainingSetupError:
+        raise
+    except (OSError, ValueError) as err:
+        raise TrainingSetupError(f"--clip_model {args.clip_model}: cannot build the model: {err}") from err
+
+
+def save_model_dir(model, processor, output_dir: Path) -> None:
+    """Weights, config, processor and code files (+ pipeline registration when cnc_hf.pipeline has it)."""
+    try:
+        from cnc_hf.pipeline import save_model_dir as save
+    except ImportError:
+        save = None
+    if save is not None:
+        save(model, processor, output_dir)
+    else:
+        model.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+
+
+def write_model_card(output_dir: Path, metrics: dict | None, args) -> None:
+    """README.md via cnc_hf.hub when available, else a minimal card with the metrics table."""
+    training_args = {k: v for k, v in vars(args).items() if k not in ("overwrite_output_dir", "no_progress")}
+    try:
+        from cnc_hf.hub import write_model_card as write
+    except ImportError:
+        write = None
+    if write is not None:
+        write(output_dir, metrics=metrics, dataset=str(args.dataset), training_args=training_args)
+        return
+    from cnc_hf.metrics import format_metrics_table
+
+    table = format_metrics_table(metrics) if metrics and "per_category" in metrics else "(not evaluated)"
+    threshold = (metrics or {}).get("threshold", {})
+    (output_dir / "README.md").write_text(
+        "---\nlibrary_name: transformers\ntags:\n- anomaly-detection\n- cnc\npipeline_tag: image-anomaly-detection\n---\n"
+        f"# CNC anomaly detector\n\nCNC (Cross-modal Normality Constraint, AAAI 2025) trained with `training/train.py` "
+        f"on `{args.dataset}` from `{args.clip_model}` for {args.epochs} epochs.\n\n## Test metrics (%)\n\n{table}\n\n"
+        f"Decision threshold: {threshold.get('value')} ({threshold.get('method', 'not calibrated')}).\n"
+    )
+
+
+def epoch_log_line(record: dict) -> str:
+    parts = [f"{k}={record[k]:.4f}" for k in LOSS_NAMES if record.get(k) is not None]
+    return (f"epoch {record['epoch']}/{record['epochs']}  " + "  ".join(parts) +
+            f"  ({record['seconds']:.2f}s{', cached features' if record['cached'] else ''})")
+
+
+# ----------------------------------------------------------------------------- the run
+def main(argv=None) -> dict:
+    """Train, calibrate, save and evaluate; returns a summary (metrics, times, world size)."""
+    args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader, Subset
+    from tqdm.auto import tqdm
+
+    from cnc_hf.data import make_collate_fn
+    from cnc_hf.evaluation import calibrate_threshold, evaluate_model, write_metrics
+    from modeling.image_processing_cnc import CNCImageProcessor
+    from training.checkpointing import load_checkpoint, read_checkpoint_meta, register_trainable_only_hooks, save_checkpoint
+    from training.feature_cache import CACHE_DTYPES, FeatureCache
+    from training.sharding import batches, epoch_order, shard_indices
+
+    # Everything that can be wrong is checked before the first step (and before any file is written).
+    check_dataset_name(args)
+    check_clip_model(args.clip_model)
+    check_output_dir(args)
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        cpu=args.cpu, mixed_precision=args.mixed_precision, project_dir=str(output_dir),
+        log_with=None if args.report_to == "none" else args.report_to,
+        # The MoE may route no token of a batch to an expert: its weights then get no gradient.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    main_process = accelerator.is_main_process
+    show = accelerator.is_local_main_process and not args.no_progress
+    if args.resume:
+        previous = read_checkpoint_meta(args.resume).get("args", {})
+        changed = {k: (previous.get(k), getattr(args, k)) for k in RUN_IDENTITY_FLAGS
+                   if k in previous and previous[k] != _jsonable(getattr(args, k))}
+        if changed:
+            raise TrainingSetupError(f"--resume {args.resume}: the checkpoint was trained with other values of "
+                                     + ", ".join(f"--{k} (was {a!r}, now {b!r})" for k, (a, b) in changed.items()))
+    set_seed(args.seed, device_specific=True)  # per-process noise/dropout streams
+    train_split, calibration_split, test_split = load_data(args)
+    model = build_model(args)
+    processor = CNCImageProcessor(size=args.image_size)
+    accelerator.wait_for_everyone()  # all processes passed the checks: now files may be written
+
+    if main_process and args.overwrite_output_dir and args.resume is None:
+        for stale in ("checkpoints", "train_log.jsonl", "runs"):
+            target = output_dir / stale
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=args.lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    register_trainable_only_hooks(accelerator)
+    unwrapped = accelerator.unwrap_model(model)
+    world = accelerator.num_processes
+    start_epoch = 0
+    if args.resume:
+        start_epoch = load_checkpoint(accelerator, args.resume)["epochs_done"]
+        accelerator.print(f"resumed from {args.resume} after {start_epoch} epochs")
+    if args.report_to != "none":
+        accelerator.init_trackers("runs", config={k: str(v) for k, v in vars(args).items()})
+
+    # This process's fixed shard of the training set (training/sharding.py).
+    shard = shard_indices(len(train_split), accelerator.process_index, world)
+    local = Subset(train_split, shard)
+    collate = make_collate_fn(processor)
+    pin = accelerator.device.type == "cuda"
+    cache = None
+    if args.cache_features and start_epoch < args.epochs:
+        fingerprint = {"clip_model": str(Path(args.clip_model).resolve()) if Path(args.clip_model).exists()
+                       else args.clip_model, "config": unwrapped.config.to_diff_dict(), "processor": processor.to_dict(),
+                       "paths": [train_split[i]["path"] for i in shard] if "path" in train_split.column_names else shard}
+        fingerprint["config"].pop("threshold", None)
+        loader = DataLoader(local, batch_size=args.eval_batch_size, shuffle=False, num_workers=args.num_workers,
+                            collate_fn=collate, pin_memory=pin)
+        cache = FeatureCache.build(unwrapped, loader, len(shard), CACHE_DTYPES[args.cache_dtype], args.cache_dir,
+                                   fingerprint, accelerator.device, progress=show)
+        accelerator.print(f"feature cache: {len(cache)} images/process, {cache.nbytes / 2**20:.1f} MiB/process "
+                          f"({args.cache_dtype}), built in {cache.build_seconds:.2f}s")
+
+    steps_per_epoch = math.ceil(len(shard) / args.batch_size)
+    accelerator.print(f"training on {len(train_split)} images ({len(shard)} per process x {world} process(es)), "
+                      f"{steps_per_epoch} steps/epoch, epochs {start_epoch + 1}..{args.epochs}, "
+                      f"{sum(p.numel() for p in trainable):,} trainable parameters"
+                      + (f", {len(calibration_split)} held out for the threshold" if calibration_split else ""))
+    log_path = output_dir / "train_log.jsonl"
+    if main_process:  # a resumed run drops the log lines of epochs after its checkpoint
+        lines = log_path.read_text().splitlines() if log_path.exists() else []
+        kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= start_epoch]
+        log_path.write_text("".join(line + "\n" for line in kept))
+    epoch_seconds = []
+
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        order = epoch_order(len(shard), args.seed, epoch, accelerator.process_index)
+        if cache is not None:
+            steps = ({"tapped_features": cache.batch(positions, accelerator.device)}
+                     for positions in batches(order, args.batch_size))
+        else:
+            # A private generator: the loader's base seed must not consume the global RNG, which the
+            # model's noise uses (the cached path has no loader; both must see the same noise).
+            loader = DataLoader(local, batch_size=args.batch_size, sampler=order, num_workers=args.num_workers,
+                                collate_fn=collate, pin_memory=pin, generator=torch.Generator().manual_seed(epoch))
+            steps = ({"pixel_values": batch["pixel_values"].to(accelerator.device)} for batch in loader)
+        sums = torch.zeros(len(LOSS_NAMES) + 1, device=accelerator.device)  # loss parts * images, images
+        start = time.perf_counter()
+        for inputs in tqdm(steps, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not show,
+                           leave=False):
+            with accelerator.autocast():
+                output = model(**inputs, epoch=epoch)
+            accelerator.backward(output.loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            n = next(iter(inputs.values())).shape[0]
+            parts = [getattr(output, name) for name in LOSS_NAMES]
+            sums += torch.stack([(p.detach().float() if p is not None else sums.new_zeros(())) * n for p in parts]
+                                + [sums.new_tensor(float(n))])
+        totals = accelerator.reduce(sums, reduction="sum")
+        seconds = time.perf_counter() - start
+        epoch_seconds.append(seconds)
+        record = {"epoch": epoch + 1, "epochs": args.epochs, "world_size": world, "cached": cache is not None,
+                  "seconds": seconds, "c2_active": epoch >= unwrapped.config.theta}
+        for i, name in enumerate(LOSS_NAMES):
+            has_part = name not in ("loss_c1", "loss_c2") or unwrapped.prompt_learner is not None
+            record[name] = float(totals[i] / totals[-1]) if has_part else None
+        accelerator.print(epoch_log_line(record))
+        if main_process:
+            with open(log_path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        if args.report_to != "none":
+            accelerator.log({f"train/{k}": record[k] for k in LOSS_NAMES if record[k] is not None}
+                            | {"train/epoch_seconds": seconds}, step=epoch + 1)
+        if args.save_every and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
+            save_checkpoint(accelerator, output_dir, epoch + 1, {"args": _jsonable(vars(args)), "world_size": world},
+                            args.save_total_limit)
+
+    # Threshold from held-out normal training images (never the test labels), then save the model.
+    threshold_details = None
+    if calibration_split is not None:
+        threshold, threshold_details = calibrate_threshold(
+            unwrapped, processor, calibration_split, quantile=args.threshold_quantile, batch_size=args.eval_batch_size,
+            accelerator=accelerator, num_workers=args.num_workers, progress=show, return_details=True)
+        unwrapped.config.threshold = threshold
+        accelerator.print(f"decision threshold {threshold:.5f} = {args.threshold_quantile} quantile of "
+                          f"{threshold_details['num_calibration_images']} held-out normal images")
+    else:
+        accelerator.print("no calibration images (--calibration_fraction 0 or single-image categories): "
+                          "config.threshold stays unset")
+    if main_process:
+        save_model_dir(unwrapped, processor, output_dir)
+    accelerator.wait_for_everyone()
+
+    metrics = None
+    if test_split is not None:
+        metrics = evaluate_model(model, processor, test_split, batch_size=args.eval_batch_size, accelerator=accelerator,
+                                 heatmap_dir=output_dir / "heatmaps" if args.heatmaps else None, progress=show,
+                                 max_heatmaps=args.heatmaps, num_workers=args.num_workers)
+    summary = {
+        "threshold": threshold_details or {"value": None, "method": "not calibrated"},
+        "training": {"world_size": world, "epochs": args.epochs, "trained_epochs": len(epoch_seconds),
+                     "resumed_from": args.resume, "cache_features": cache is not None,
+                     "cache_build_seconds": cache.build_seconds if cache is not None else None,
+                     "mean_epoch_seconds": float(np.mean(epoch_seconds)) if epoch_seconds else None,
+                     "num_train_images": len(train_split),
+                     "num_calibration_images": len(calibration_split) if calibration_split is not None else 0,
+                     "mixed_precision": accelerator.mixed_precision, "dataset": str(args.dataset),
+                     "clip_model": str(args.clip_model)},
+    }
+    if metrics is not None:
+        test_threshold = metrics.pop("threshold", None)
+        if test_threshold is not None:
+            summary["threshold"]["test"] = test_threshold
+    if main_process:
+        write_metrics(metrics or {}, output_dir, summary)
+        write_model_card(output_dir, {**(metrics or {}), **summary} if metrics else None, args)
+        if metrics is not None:
+            from cnc_hf.metrics import format_metrics_table
+
+            print(format_metrics_table(metrics))
+        print(f"finished model in {output_dir}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {"metrics": metrics, **summary, "output_dir": str(output_dir)}
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def cli(argv=None) -> int:
+    try:
+        main(argv)
+    except TrainingSetupError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
