@@ -1,0 +1,140 @@
+"""VisA in its raw published layout, as a multi-class `DatasetDict`.
+
+    <root>/split_csv/1cls.csv                         object,split,label,image,mask
+    <root>/<object>/Data/Images/{Normal,Anomaly}/*.JPG
+    <root>/<object>/Data/Masks/Anomaly/*.png          non-zero = defect (values 1..N, not always 255)
+    <root>/<object>/image_anno.csv                    optional: image,label,mask (defect descriptions)
+
+Paths in the csv are relative to <root>; `label` is "normal"/"anomaly", `split` "train"/"test",
+`mask` is empty for normal rows. VisA names no defect folders, so `defect_type` is the description
+from `<object>/image_anno.csv` when that file is there, else "anomaly".
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Sequence
+
+from datasets import DatasetDict
+
+from .common import (
+    CHECK_FILES,
+    AnomalyDatasetError,
+    BadFiles,
+    Record,
+    build_dataset_dict,
+    check_option,
+    check_record,
+    resolve_categories,
+)
+
+CSV_COLUMNS = ("object", "split", "label", "image", "mask")
+VISA_LABELS = {"normal": 0, "anomaly": 1}
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"VisA split file not found: {path} (expected split_csv/1cls.csv under the VisA root)")
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        header = [name.strip() for name in (reader.fieldnames or [])]
+        missing = [c for c in CSV_COLUMNS if c not in header]
+        if missing:
+            raise AnomalyDatasetError(
+                f"{path}: header {header} lacks column(s) {missing}; expected {','.join(CSV_COLUMNS)}"
+            )
+        return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+
+
+def _defect_descriptions(root: Path, category: str) -> dict[str, str]:
+    """Map image path -> defect description from <object>/image_anno.csv, if that file exists."""
+    path = root / category / "image_anno.csv"
+    if not path.is_file():
+        return {}
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        return {
+            row["image"].strip(): row["label"].strip()
+            for row in csv.DictReader(handle)
+            if row.get("image") and row.get("label")
+        }
+
+
+def load_visa(
+    root: str | os.PathLike,
+    split_csv: str | os.PathLike | None = None,
+    categories: str | Sequence[str] | None = None,
+    *,
+    on_bad_file: str = "error",
+    check_files: str = "header",
+) -> DatasetDict:
+    """Index a raw VisA folder into a DatasetDict with train/test over all (or `categories`) objects.
+
+    Args:
+        root: the VisA root (holding candle/, capsules/, ..., split_csv/).
+        split_csv: the split file; default `<root>/split_csv/1cls.csv`. A relative path that does not
+            exist from the working directory is taken relative to `root`.
+        categories, on_bad_file, check_files: as in `load_mvtec_ad`. A bad csv row (unknown split or
+            label, an anomaly without mask, a missing file, an anomaly in train) is a bad file too.
+    """
+    check_option("check_files", check_files, CHECK_FILES)
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"VisA root not found: {root} (expected a folder with split_csv/1cls.csv)")
+    if split_csv is None:
+        csv_path = root / "split_csv" / "1cls.csv"
+    else:
+        csv_path = Path(split_csv).expanduser()
+        if not csv_path.is_absolute() and not csv_path.exists():
+            csv_path = root / csv_path
+    rows = _read_csv(csv_path)
+    available = sorted({row["object"] for row in rows if row["object"]})
+    if not available:
+        raise AnomalyDatasetError(f"{csv_path}: no rows; expected one row per image")
+    keep = set(resolve_categories(categories, available, csv_path))
+
+    bad = BadFiles(on_bad_file, csv_path)
+    descriptions = {c: _defect_descriptions(root, c) for c in sorted(keep)}
+    records: dict[str, list[Record]] = {"train": [], "test": []}
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        category = row["object"]
+        if category not in keep:
+            continue
+        where = f"{csv_path}:{line}"
+        split, label_name = row["split"].lower(), row["label"].lower()
+        if split not in records:
+            bad.report(f"{where}: split {row['split']!r}, expected 'train' or 'test'")
+            continue
+        if label_name not in VISA_LABELS:
+            bad.report(f"{where}: label {row['label']!r}, expected 'normal' or 'anomaly'")
+            continue
+        label = VISA_LABELS[label_name]
+        if not row["image"]:
+            bad.report(f"{where}: empty image path")
+            continue
+        image = root / row["image"]
+        if not image.is_file():
+            bad.report(f"image not found: {image} (listed at {where})")
+            continue
+        if split == "train" and label == 1:
+            bad.report(f"{where}: anomalous image {image} in the train split; training uses normal images only")
+            continue
+        mask = None
+        if label == 1:
+            if not row["mask"]:
+                bad.report(f"anomalous image without its mask: {image} (empty mask column at {where})")
+                continue
+            mask = root / row["mask"]
+            if not mask.is_file():
+                bad.report(f"mask not found: {mask} for image {image} (listed at {where})")
+                continue
+        elif row["mask"]:
+            bad.report(f"{where}: normal image {image} has a mask {row['mask']}; expected an empty mask column")
+            continue
+        defect_type = "good" if label == 0 else descriptions[category].get(row["image"], "anomaly")
+        record = Record(str(image), None if mask is None else str(mask), label, category, defect_type)
+        if check_record(record, check_files, bad):
+            records[split].append(record)
+    bad.warn_if_any()
+    return build_dataset_dict(records, csv_path)
