@@ -1,0 +1,132 @@
+"""Writers of tiny MVTec AD and raw VisA layouts for tests (the real sets cannot be downloaded here).
+
+Both mirror the published layouts, including the awkward parts: a grayscale MVTec category, readme
+and license files at the root, stray files in image folders, JPG VisA images and VisA masks whose
+defect pixels are 1..3 rather than 255.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+
+# category -> (PIL mode, (width, height), n_train, {test folder: count})
+MVTEC_SPEC = {
+    "bottle": ("RGB", (32, 24), 3, {"good": 2, "broken_large": 2, "contamination": 1}),
+    "grid": ("L", (20, 20), 2, {"good": 1, "bent": 2}),  # grayscale, like MVTec's grid/screw/zipper
+}
+
+
+def image_array(mode: str, size: tuple[int, int], seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    return rng.integers(0, 256, size=shape, dtype=np.uint8)
+
+
+def mask_array(size: tuple[int, int], index: int, value: int = 255) -> np.ndarray:
+    """A rectangle whose place depends on `index`, so a mask swapped with another one shows."""
+    mask = np.zeros((size[1], size[0]), np.uint8)
+    mask[2 + index : 6 + index, 3 : 9 + index] = value
+    return mask
+
+
+def write_mvtec(root: Path, spec: dict = MVTEC_SPEC) -> dict:
+    """Write an MVTec-layout tree under `root`; return {"train": n, "test": n, "masks": {image path: array}}."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "readme.txt").write_text("MVTec AD (tiny test copy)\n")
+    (root / "license.txt").write_text("CC BY-NC-SA 4.0\n")
+    expected = {"train": 0, "test": 0, "masks": {}}
+    seed = 0
+    for category, (mode, size, n_train, test) in spec.items():
+        train_dir = root / category / "train" / "good"
+        train_dir.mkdir(parents=True)
+        (train_dir / ".DS_Store").write_bytes(b"\x00\x01junk")  # macOS litter: must be ignored
+        for i in range(n_train):
+            seed += 1
+            PIL.Image.fromarray(image_array(mode, size, seed), mode).save(train_dir / f"{i:03d}.png")
+        expected["train"] += n_train
+        for defect, count in test.items():
+            folder = root / category / "test" / defect
+            folder.mkdir(parents=True)
+            for i in range(count):
+                seed += 1
+                path = folder / f"{i:03d}.png"
+                PIL.Image.fromarray(image_array(mode, size, seed), mode).save(path)
+                if defect != "good":
+                    truth = root / category / "ground_truth" / defect
+                    truth.mkdir(parents=True, exist_ok=True)
+                    mask = mask_array(size, i)
+                    PIL.Image.fromarray(mask, "L").save(truth / f"{i:03d}_mask.png")
+                    expected["masks"][str(path)] = mask
+            expected["test"] += count
+        (root / category / "test" / "notes.txt").write_text("stray file")
+    return expected
+
+
+def visa_mask_array(size: tuple[int, int], index: int) -> np.ndarray:
+    """Like VisA: defect pixels carry small values (here cycling 1, 2, 3 along x), not 255."""
+    mask = mask_array(size, index, value=1)
+    return mask * (1 + np.arange(size[0]) % 3)[None, :].astype(np.uint8)
+
+
+# object -> (n train normal, n test normal, n test anomaly, (width, height))
+VISA_SPEC = {"candle": (3, 2, 2, (40, 30)), "pcb1": (2, 1, 3, (36, 36))}
+
+
+def write_visa(root: Path, spec: dict = VISA_SPEC, descriptions: bool = True) -> dict:
+    """Write a raw-VisA tree with split_csv/1cls.csv; masks hold values 1..3 (not 255).
+
+    Returns {"train": n, "test": n, "masks": {image path: mask array}, "descriptions": {image path: text}}.
+    """
+    rows, expected = [], {"train": 0, "test": 0, "masks": {}, "descriptions": {}}
+    seed = 100
+    for obj, (n_train, n_test_normal, n_test_anomaly, size) in spec.items():
+        images = root / obj / "Data" / "Images"
+        (images / "Normal").mkdir(parents=True)
+        (images / "Anomaly").mkdir(parents=True)
+        (root / obj / "Data" / "Masks" / "Anomaly").mkdir(parents=True)
+        annotations = []
+        for split, label, count in (("train", "normal", n_train), ("test", "normal", n_test_normal),
+                                    ("test", "anomaly", n_test_anomaly)):
+            for _ in range(count):
+                seed += 1
+                folder = "Normal" if label == "normal" else "Anomaly"
+                relative = f"{obj}/Data/Images/{folder}/{seed:04d}.JPG"
+                PIL.Image.fromarray(image_array("RGB", size, seed)).save(root / relative, format="JPEG")
+                mask_relative = ""
+                if label == "anomaly":
+                    mask_relative = f"{obj}/Data/Masks/Anomaly/{seed:04d}.png"
+                    mask = visa_mask_array(size, seed % 3)
+                    PIL.Image.fromarray(mask, "L").save(root / mask_relative)
+                    expected["masks"][str(root / relative)] = mask
+                    text = f"scratch on {obj}" if seed % 2 else "missing part,scratch"
+                    annotations.append((relative, text, mask_relative))
+                    expected["descriptions"][str(root / relative)] = text
+                else:
+                    annotations.append((relative, "normal", ""))
+                rows.append((obj, split, label, relative, mask_relative))
+                expected[split] += 1
+        if descriptions:
+            with open(root / obj / "image_anno.csv", "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["image", "label", "mask"])
+                writer.writerows(annotations)
+    (root / "split_csv").mkdir(parents=True)
+    write_csv(root / "split_csv" / "1cls.csv", rows)
+    (root / "LICENSE-DATASET").write_text("CC BY 4.0\n")
+    return expected
+
+
+def write_csv(path: Path, rows, header=("object", "split", "label", "image", "mask")) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def read_csv_rows(path: Path) -> list[list[str]]:
+    with open(path, newline="") as handle:
+        return list(csv.reader(handle))[1:]
