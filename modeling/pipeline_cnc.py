@@ -1,0 +1,282 @@
+"""AnomalyMapPipeline: one call from an image to a score, a yes/no, an anomaly map and a heat map.
+
+    from transformers import pipeline
+    detector = pipeline("image-anomaly-detection", model="org/cnc-mvtec", trust_remote_code=True)
+    result = detector("part.png")
+    result["score"], result["is_anomaly"], result["anomaly_map"], result["heatmap"]
+
+This file is saved next to the model (`cnc_hf.pipeline.save_model_dir`) and loaded as remote code
+by processes that do not have cnc-hf installed, so it imports only numpy, PIL, torch, transformers
+and sibling files of the saved model.
+
+Output per image (a list of these for a list input):
+- `score` (float): the model's image score (the maximum of the anomaly map, Eq. 17, at the model
+  resolution; `config.image_score_reduction`).
+- `is_anomaly` (bool or None): `score >= threshold`. The threshold is `config.threshold` (calibrated
+  on held-out normal images by the trainer) unless `threshold=` is passed to the call. When neither
+  exists it is None and a warning says so once: we never invent a threshold.
+- `anomaly_map` (float32 numpy, height x width of the ORIGINAL image): the map resized back
+  bilinearly. This is the only full-size float array the pipeline creates.
+- `heatmap` (RGB PIL image): the map as a jet colour map blended at alpha 0.5 over the input,
+  at the original size but at most `HEATMAP_MAX_SIDE` (2048) pixels on the long side, so that a
+  10000 x 10000 input does not get a 300 MB overlay. Colour scale (fixed, so that images can be
+  compared): `[0, 2 * threshold]` when a threshold is known, so the threshold sits at the middle
+  of the scale (green) and red means twice the threshold; without a threshold the scale is the
+  image's own min..max (relative only). `heatmap_range=(low, high)` overrides it per call.
+
+Inputs: a file path, http(s) URL, bytes of an encoded image, PIL image, numpy array or torch
+tensor (see `to_rgb_pil` for dtypes and layouts), or a list / 4-D batch of them; `batch_size=`
+batches the model forward. Anything unusable raises a ValueError that names the input.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from transformers import Pipeline
+from transformers.utils import logging
+
+from .image_processing_cnc import CNCImageProcessor, to_rgb_pil
+
+logger = logging.get_logger(__name__)
+
+TASK = "image-anomaly-detection"
+HEATMAP_MAX_SIDE = 2048
+HEATMAP_ALPHA = 0.5
+
+
+# --------------------------------------------------------------------------- heat map helpers
+def jet_colormap(values: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] to jet RGB (uint8, shape + (3,)): blue -> cyan -> green -> yellow -> red.
+
+    The classic piecewise-linear jet, computed through a 256-entry lookup table so that a large
+    map costs one uint8 index array and one gather (no matplotlib dependency).
+    """
+    x = np.linspace(0.0, 1.0, 256, dtype=np.float32)
+    lut = np.stack([np.clip(1.5 - np.abs(4.0 * x - c), 0.0, 1.0) for c in (3.0, 2.0, 1.0)], axis=-1)
+    lut = np.round(lut * 255.0).astype(np.uint8)
+    index = np.round(np.clip(np.nan_to_num(values, nan=0.0), 0.0, 1.0) * 255.0).astype(np.uint8)
+    return lut[index]
+
+
+def _fit_within(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(width, height) scaled down (never up) so that the long side is at most `max_side`."""
+    scale = min(1.0, max_side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def overlay_heatmap(
+    image: PIL.Image.Image,
+    anomaly_map: np.ndarray | torch.Tensor,
+    value_range: tuple[float, float] | None = None,
+    alpha: float = HEATMAP_ALPHA,
+    max_side: int = HEATMAP_MAX_SIDE,
+) -> PIL.Image.Image:
+    """Blend a jet-coloured anomaly map over `image` (RGB PIL) and return an RGB PIL image.
+
+    `anomaly_map` may have any resolution (typically the model's); it is resized to the output
+    size, which is `image`'s size capped at `max_side` on the long side. `value_range=(low, high)`
+    maps low -> blue and high -> red (values outside are clipped); None uses the map's min..max.
+    """
+    image = to_rgb_pil(image)
+    size = _fit_within(image.width, image.height, max_side)
+    if image.size != size:
+        image = image.resize(size, PIL.Image.Resampling.BILINEAR, reducing_gap=3.0)
+    amap = torch.as_tensor(np.asarray(anomaly_map) if not isinstance(anomaly_map, torch.Tensor) else anomaly_map)
+    amap = amap.detach().to("cpu", torch.float32)
+    while amap.ndim > 2 and amap.shape[0] == 1:
+        amap = amap[0]
+    if amap.ndim != 2:
+        raise ValueError(f"anomaly_map: shape {tuple(amap.shape)}; expected (H, W)")
+    amap = torch.nn.functional.interpolate(amap[None, None], size=(size[1], size[0]), mode="bilinear",
+                                           align_corners=False)[0, 0].numpy()
+    low, high = value_range if value_range is not None else (float(np.nanmin(amap)), float(np.nanmax(amap)))
+    span = high - low
+    normalised = (amap - low) / span if span > 0 else np.zeros_like(amap)
+    colours = PIL.Image.fromarray(jet_colormap(normalised), "RGB")
+    return PIL.Image.blend(image, colours, alpha)
+
+
+# --------------------------------------------------------------------------- input handling
+def _describe(item: Any) -> str:
+    """A short name for an input, for error messages."""
+    if isinstance(item, (str, os.PathLike)):
+        return f"image {os.fspath(item)!r}"
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return f"bytes input ({len(item)} bytes)"
+    if isinstance(item, (np.ndarray, torch.Tensor)):
+        kind = "numpy array" if isinstance(item, np.ndarray) else "torch tensor"
+        return f"{kind} of shape {tuple(item.shape)} and dtype {item.dtype}"
+    if isinstance(item, PIL.Image.Image):
+        return f"PIL image (mode {item.mode}, size {item.size})"
+    return f"input of type {type(item).__name__}"
+
+
+def _download(url: str) -> PIL.Image.Image:
+    """An http(s) image through transformers' loader; any network failure becomes a ValueError."""
+    from transformers.image_utils import load_image
+
+    try:
+        return load_image(url)
+    except (ValueError, OSError, PIL.UnidentifiedImageError):
+        raise
+    except Exception as err:  # httpx errors are not OSErrors
+        raise ValueError(f"cannot download ({type(err).__name__}: {err})") from err
+
+
+def load_rgb(item: Any) -> PIL.Image.Image:
+    """Any supported input -> 8-bit RGB PIL image at its own size; ValueError naming the input otherwise."""
+    where = _describe(item)
+    try:
+        if isinstance(item, str) and item.startswith(("http://", "https://")):
+            item = _download(item)
+        elif isinstance(item, (bytes, bytearray, memoryview)):
+            if len(item) == 0:
+                raise ValueError("empty bytes")
+            item = PIL.Image.open(io.BytesIO(bytes(item)))
+            item.load()
+        elif isinstance(item, (np.ndarray, torch.Tensor)):
+            if item.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or (
+                isinstance(item, np.ndarray) and item.dtype.kind == "f"
+            ):
+                finite = torch.isfinite(item).all() if isinstance(item, torch.Tensor) else np.isfinite(item).all()
+                if not bool(finite):
+                    raise ValueError("the array contains NaN or infinite values")
+        return to_rgb_pil(item)
+    except FileNotFoundError:
+        raise ValueError(f"{where}: no such file") from None
+    except PIL.Image.DecompressionBombError as err:
+        raise ValueError(f"{where}: {err} (raise PIL.Image.MAX_IMAGE_PIXELS if you trust this file)") from err
+    except (PIL.UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"{where}: not a readable image ({err})") from err
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{where}: {err}") from err
+
+
+def _check_threshold(value: Any, name: str = "threshold") -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not math.isfinite(value):
+        raise ValueError(f"{name}: got {value!r}; expected a finite number (or None to use the model's)")
+    return float(value)
+
+
+# --------------------------------------------------------------------------- the pipeline
+class AnomalyMapPipeline(Pipeline):
+    r"""Anomaly detection and localisation with a CNC model (task `"image-anomaly-detection"`).
+
+    Build it with `transformers.pipeline("image-anomaly-detection", model=...)` or directly:
+    `AnomalyMapPipeline(model=model, image_processor=processor)` (the processor defaults to a
+    `CNCImageProcessor` at `model.config.image_size`).
+
+    Call arguments (also accepted at construction, as defaults):
+        threshold (`float`, *optional*): decision threshold on the score; defaults to
+            `model.config.threshold`.
+        heatmap_range (`(float, float)`, *optional*): colour scale of the heat map; see the module docstring.
+        return_heatmap (`bool`, defaults to True): skip the overlay (faster) when False; the key is then None.
+        batch_size (`int`): images per model forward.
+    """
+
+    _load_processor = False
+    _load_image_processor = True
+    _load_feature_extractor = False
+    _load_tokenizer = False
+    _load_video_processor = False
+
+    def __init__(self, model, image_processor=None, **kwargs):
+        if image_processor is None and kwargs.get("feature_extractor") is None:
+            image_processor = CNCImageProcessor(size=model.config.image_size)
+        kwargs.setdefault("task", TASK)
+        super().__init__(model=model, image_processor=image_processor, **kwargs)
+        self.model.eval()  # train mode returns losses, not maps
+        self._warned_no_threshold = False
+
+    def _sanitize_parameters(self, threshold=None, heatmap_range=None, return_heatmap=None, **kwargs):
+        if kwargs:
+            raise ValueError(
+                f"AnomalyMapPipeline got unexpected arguments {sorted(kwargs)}; "
+                "expected threshold, heatmap_range, return_heatmap, batch_size"
+            )
+        postprocess = {}
+        if threshold is not None:
+            postprocess["threshold"] = _check_threshold(threshold)
+        if heatmap_range is not None:
+            low, high = (float(v) for v in heatmap_range)
+            if not (math.isfinite(low) and math.isfinite(high) and high > low):
+                raise ValueError(f"heatmap_range: got {heatmap_range!r}; expected (low, high) with high > low")
+            postprocess["heatmap_range"] = (low, high)
+        if return_heatmap is not None:
+            postprocess["return_heatmap"] = bool(return_heatmap)
+        return {}, {}, postprocess
+
+    def __call__(self, inputs, **kwargs):
+        """Score one image or a list of images; see the class docstring for the arguments."""
+        # A tuple or a 4-D array/tensor is a batch, as for CNCImageProcessor.
+        if isinstance(inputs, tuple) or (isinstance(inputs, (np.ndarray, torch.Tensor)) and inputs.ndim == 4):
+            inputs = list(inputs)
+        if isinstance(inputs, list) and not inputs:
+            return []
+        return super().__call__(inputs, **kwargs)
+
+    def preprocess(self, image):
+        rgb = load_rgb(image)
+        height, width = rgb.height, rgb.width
+        # The processor resizes the 8-bit image before any float conversion (memory O(size^2)).
+        pixel_values = self.image_processor(rgb, return_tensors="pt")["pixel_values"]
+        # Keep only a display-size copy of the input for the heat map, not the full image.
+        display_size = _fit_within(width, height, HEATMAP_MAX_SIDE)
+        display = rgb if rgb.size == display_size else rgb.resize(display_size, PIL.Image.Resampling.BILINEAR,
+                                                                 reducing_gap=3.0)
+        return {
+            "pixel_values": pixel_values.to(self.dtype or torch.float32),
+            "original_size": torch.tensor([[height, width]]),
+            "image": display,
+        }
+
+    def _forward(self, model_inputs):
+        # Pipeline.forward already runs this under inference mode on the right device.
+        outputs = self.model(pixel_values=model_inputs["pixel_values"])
+        return {
+            "anomaly_map": outputs.anomaly_map,  # first key: the batch size is read from it
+            "image_score": outputs.image_score,
+            "original_size": model_inputs["original_size"],
+            "image": model_inputs["image"],
+        }
+
+    def _resolve_threshold(self, threshold: float | None) -> float | None:
+        if threshold is None:
+            threshold = _check_threshold(getattr(self.model.config, "threshold", None), "config.threshold")
+        if threshold is None and not self._warned_no_threshold:
+            self._warned_no_threshold = True
+            logger.warning(
+                "AnomalyMapPipeline: the model has no calibrated threshold (config.threshold is None) and none was "
+                "passed, so is_anomaly is None. Pass threshold=... or use a model trained with cnc-hf's trainer."
+            )
+        return threshold
+
+    def postprocess(self, model_outputs, threshold=None, heatmap_range=None, return_heatmap=True):
+        threshold = self._resolve_threshold(threshold)
+        height, width = (int(v) for v in model_outputs["original_size"].reshape(-1)[:2])
+        small_map = model_outputs["anomaly_map"].reshape(model_outputs["anomaly_map"].shape[-2:]).float()
+        score = float(model_outputs["image_score"].reshape(-1)[0])
+        heatmap = None
+        if return_heatmap:
+            if heatmap_range is None and threshold is not None and threshold > 0:
+                heatmap_range = (0.0, 2.0 * threshold)
+            # Coloured from the model-resolution map: the full-size float map is never copied for display.
+            heatmap = overlay_heatmap(model_outputs["image"], small_map, heatmap_range)
+        return {
+            "score": score,
+            "is_anomaly": None if threshold is None else bool(score >= threshold),
+            "anomaly_map": self.image_processor.postprocess_anomaly_map(small_map, (height, width)),
+            "heatmap": heatmap,
+        }
+
+
+__all__ = ["AnomalyMapPipeline", "HEATMAP_MAX_SIDE", "TASK", "jet_colormap", "load_rgb", "overlay_heatmap"]
