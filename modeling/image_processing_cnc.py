@@ -13,6 +13,8 @@ Input conventions (one rule set for PIL, numpy and torch inputs):
 - Every input first becomes an 8-bit RGB PIL image of its own size (`to_rgb_pil`); resizing then
   happens on that 8-bit image, before any float conversion, so a huge image never becomes a huge
   float array. PIL's `reducing_gap` shrinks very large images by cheap box reduction first.
+  JPEG `Image.draft` (decoding at 1/2..1/8 scale) is deliberately NOT used: it gives other pixels
+  than a full decode, and a file must preprocess exactly like its decoded dataset row.
 - Alpha is composited onto BLACK (RGBA, LA, PA, P/L/RGB with a transparency key; premultiplied
   RGBa/La already are). Transparent pixels carry arbitrary colour; black makes them deterministic.
 - 16-bit images (PIL I;16*, numpy/torch uint16) are scaled by 255/65535, never clipped.

@@ -440,6 +440,24 @@ def test_collate_for_dataloader(mvtec):
             assert (mask.sum() > 0) == bool(label)  # good images: all-zero masks
 
 
+def test_collate_fn_pickles_for_spawned_workers(mvtec):
+    import pickle
+
+    root, _ = mvtec
+    ds = load_mvtec_ad(root)
+    collate = pickle.loads(pickle.dumps(make_collate_fn(CNCImageProcessor(size=8))))
+    assert collate([ds["test"][i] for i in range(3)])["pixel_values"].shape == (3, 3, 8, 8)
+
+
+def test_sixteen_bit_images_warn_that_decoding_clips(mvtec):
+    root, _ = mvtec
+    path = root / "grid" / "train" / "good" / "000.png"
+    PIL.Image.fromarray(np.full((20, 20), 40000, np.uint16)).save(path)
+    assert PIL.Image.open(path).mode.startswith("I")
+    with pytest.warns(UserWarning, match=f"1 image.*16-bit or float pixels .*{path}"):
+        load_mvtec_ad(root, "grid")
+
+
 # ----------------------------------------------------------------------------- demo
 
 

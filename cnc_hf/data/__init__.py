@@ -16,6 +16,7 @@ from datasets import DatasetDict
 from .common import (
     FEATURES,
     LABEL_NAMES,
+    AnomalyCollator,
     AnomalyDatasetError,
     categories_of,
     filter_categories,
@@ -72,6 +73,7 @@ def load_anomaly_dataset(
 
 
 __all__ = [
+    "AnomalyCollator",
     "AnomalyDatasetError",
     "DEFECT_KINDS",
     "DEMO_CATEGORIES",

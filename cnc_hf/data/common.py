@@ -40,6 +40,7 @@ FEATURES = Features(
     }
 )
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+HIGH_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 ON_BAD_FILE = ("error", "skip")
 CHECK_FILES = ("header", "full", "none")
 
@@ -76,6 +77,7 @@ class BadFiles:
         self.on_bad_file = check_option("on_bad_file", on_bad_file, ON_BAD_FILE)
         self.source = str(source)
         self.skipped: list[str] = []
+        self.high_bit: list[str] = []  # 16-bit/float images: decoding to 8-bit RGB clips them
 
     def report(self, message: str) -> None:
         if self.on_bad_file == "error":
@@ -83,6 +85,14 @@ class BadFiles:
         self.skipped.append(message)
 
     def warn_if_any(self) -> None:
+        if self.high_bit:
+            warnings.warn(
+                f"{self.source}: {len(self.high_bit)} image(s) have 16-bit or float pixels (e.g. {self.high_bit[0]}); "
+                "the `image` column decodes to 8-bit RGB with PIL, which clips such values. Convert them to 8-bit "
+                "first (CNCImageProcessor itself scales 16-bit input correctly).",
+                UserWarning,
+                stacklevel=3,
+            )
         if self.skipped:
             examples = "\n  ".join(self.skipped[:5])
             more = f"\n  ... and {len(self.skipped) - 5} more" if len(self.skipped) > 5 else ""
@@ -105,8 +115,8 @@ def _looks_truncated(path: Path, image_format: str | None) -> bool:
     return not tail.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
 
 
-def check_image_file(path: Path, check_files: str = "header") -> tuple[int, int] | None:
-    """Return the (width, height) of an image file, or raise `AnomalyDatasetError` naming it.
+def check_image_file(path: Path, check_files: str = "header") -> tuple[tuple[int, int], str] | None:
+    """Return ((width, height), PIL mode) of an image file, or raise `AnomalyDatasetError` naming it.
 
     "header": read the header and the end marker (decode only files whose end looks wrong);
     "full": decode every file; "none": no check, returns None.
@@ -115,7 +125,7 @@ def check_image_file(path: Path, check_files: str = "header") -> tuple[int, int]
         return None
     try:
         with PIL.Image.open(path) as image:
-            size = image.size
+            size, mode = image.size, image.mode
             if check_files == "full" or _looks_truncated(path, image.format):
                 image.load()  # raises on truncated/corrupt data
     except FileNotFoundError:
@@ -124,7 +134,7 @@ def check_image_file(path: Path, check_files: str = "header") -> tuple[int, int]
         raise AnomalyDatasetError(f"unreadable or truncated image: {path} ({err})") from err
     if size[0] == 0 or size[1] == 0:
         raise AnomalyDatasetError(f"empty image (size {size}): {path}")
-    return size
+    return size, mode
 
 
 def check_option(name: str, value: str, allowed: Sequence[str]) -> str:
@@ -136,9 +146,12 @@ def check_option(name: str, value: str, allowed: Sequence[str]) -> str:
 def check_record(record: Record, check_files: str, bad: BadFiles) -> bool:
     """Check an image (and its mask: readable, same size). Return False if the record was skipped."""
     try:
-        image_size = check_image_file(Path(record.image), check_files)
+        image_info = check_image_file(Path(record.image), check_files)
+        if image_info is not None and image_info[1] in HIGH_BIT_MODES:
+            bad.high_bit.append(record.image)
         if record.mask is not None:
-            mask_size = check_image_file(Path(record.mask), check_files)
+            mask_info = check_image_file(Path(record.mask), check_files)
+            image_size, mask_size = (image_info or (None,))[0], (mask_info or (None,))[0]
             if image_size is not None and mask_size != image_size:
                 raise AnomalyDatasetError(
                     f"mask {record.mask} is {mask_size[0]}x{mask_size[1]} but its image {record.image} is "
@@ -223,19 +236,24 @@ def filter_categories(dataset: DatasetDict, categories: str | Sequence[str] | No
     )
 
 
-def make_collate_fn(processor) -> Callable[[Sequence[dict]], dict]:
+class AnomalyCollator:
     """Collate decoded dataset rows into model inputs with `processor` (a CNCImageProcessor).
 
-    Use as `DataLoader(dataset["train"], batch_size=8, collate_fn=make_collate_fn(processor))`.
-    Returns {"pixel_values": (B,3,S,S) float, "masks": (B,S,S) float in {0,1} (zeros for good images),
-    "labels": (B,) long, "categories": list[str], "paths": list[str]}.
+    A module-level class rather than a closure so that DataLoader workers started with "spawn"
+    (macOS, Windows) can pickle it.
     """
-    import torch
 
-    def collate(rows: Sequence[dict]) -> dict:
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, rows: Sequence[dict]) -> dict:
+        import torch
+
         if not rows:
             raise ValueError("collate: got an empty batch")
-        batch = processor([row["image"] for row in rows], masks=[row.get("mask") for row in rows], return_tensors="pt")
+        batch = self.processor(
+            [row["image"] for row in rows], masks=[row.get("mask") for row in rows], return_tensors="pt"
+        )
         return {
             "pixel_values": batch["pixel_values"],
             "masks": batch["masks"],
@@ -244,7 +262,14 @@ def make_collate_fn(processor) -> Callable[[Sequence[dict]], dict]:
             "paths": [row.get("path", "") for row in rows],
         }
 
-    return collate
+
+def make_collate_fn(processor) -> Callable[[Sequence[dict]], dict]:
+    """`DataLoader(dataset["train"], batch_size=8, collate_fn=make_collate_fn(processor))`.
+
+    Batches are {"pixel_values": (B,3,S,S) float, "masks": (B,S,S) float in {0,1} (zeros for good
+    images), "labels": (B,) long, "categories": list[str], "paths": list[str]}.
+    """
+    return AnomalyCollator(processor)
 
 
 def categories_of(dataset: DatasetDict | Dataset) -> list[str]:
