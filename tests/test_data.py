@@ -9,7 +9,7 @@ import PIL.Image
 import PIL.ImageFile
 import pytest
 import torch
-from datasets import ClassLabel, Image, load_dataset
+from datasets import ClassLabel, load_dataset
 from torch.utils.data import DataLoader
 
 from cnc_hf.data import (

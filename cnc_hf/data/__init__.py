@@ -23,7 +23,7 @@ from .common import (
     make_collate_fn,
     validate_schema,
 )
-from .convert import convert_to_parquet, push_folder_to_hub
+from .parquet import convert_to_parquet, push_folder_to_hub
 from .demo import DEFECT_KINDS, DEMO_CATEGORIES, make_demo_dataset
 from .mvtec import load_mvtec_ad
 from .visa import load_visa

@@ -1,159 +1,20 @@
-"""Convert a local MVTec AD / VisA / demo folder into parquet shards (the Hub form), optionally push them.
+"""Command line: convert a local MVTec AD / VisA / demo folder into the Hub form, optionally push it.
 
     python -m cnc_hf.data.convert --format mvtec --root /data/mvtec_ad --output_dir mvtec_parquet \
         [--categories bottle cable] [--push_to_hub org/mvtec-ad] [--private]
 
-The output folder holds `data/{train,test}-NNNNN-of-MMMMM.parquet` and a README.md dataset card
-whose `configs` section names the splits, so `datasets.load_dataset(output_dir)` (or the Hub repo id
-after pushing) gives back the cnc-hf schema (`cnc_hf.data.common.FEATURES`). Pushing uploads that
-same folder, so what is tested locally is what lands on the Hub.
-
-What changes on the way: image files are embedded byte for byte (JPEGs are not re-encoded); masks
-are stored as 0/255 PNGs (VisA's 1..N masks are binarised: non-zero = defect), and `path` becomes
-the path relative to the source root so no local folder names leak to the Hub.
+See `cnc_hf.data.parquet` for what is written; `datasets.load_dataset(output_dir)` reads it back.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
-import os
-from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-import PIL.Image
-import pyarrow.compute as pc
-from datasets import Dataset, DatasetDict, Image
+from datasets import DatasetDict
 
-from .common import FEATURES, SPLITS, AnomalyDatasetError, validate_schema
-
-DEFAULT_MAX_SHARD_BYTES = 500 * 1024**2  # the Hub's usual parquet shard size
-
-
-def _relative(path: str, root: Path | None) -> str:
-    if root is None:
-        return path
-    try:
-        return Path(path).resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return path
-
-
-def _binary_mask_png(mask_value: dict) -> bytes:
-    """Read a stored mask ({"bytes", "path"}), binarise it (non-zero = defect), encode as a 0/255 "L" PNG."""
-    source = io.BytesIO(mask_value["bytes"]) if mask_value["bytes"] is not None else mask_value["path"]
-    with PIL.Image.open(source) as mask:
-        mask = mask.convert("L") if mask.mode not in ("1", "L", "P", "I", "I;16", "F") else mask
-        binary = (np.asarray(mask) > 0).astype(np.uint8) * 255
-    buffer = io.BytesIO()
-    PIL.Image.fromarray(binary, "L").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _shard_ranges(dataset: Dataset, max_shard_bytes: int) -> list[tuple[int, int]]:
-    """Cut rows into contiguous shards of at most ~max_shard_bytes of image files (at least one row each)."""
-    sizes = []
-    raw = dataset.select_columns(["image"]).cast_column("image", Image(decode=False)).with_format("arrow")
-    for batch in raw.iter(batch_size=1000):  # arrow batches: no decoding, no Python copies of bytes
-        column = batch["image"].combine_chunks()
-        lengths = pc.binary_length(column.field("bytes")).to_pylist()
-        paths = column.field("path").to_pylist()
-        # Embedded rows count their bytes; path-only rows (local loaders) their file size.
-        sizes += [n if n is not None else os.path.getsize(p) for n, p in zip(lengths, paths)]
-    ranges, start, total = [], 0, 0
-    for index, size in enumerate(sizes):
-        if index > start and total + size > max_shard_bytes:
-            ranges.append((start, index))
-            start, total = index, 0
-        total += size
-    ranges.append((start, len(sizes)))
-    return ranges
-
-
-def _embedded_shard(dataset: Dataset, start: int, stop: int, root: Path | None) -> Dataset:
-    """Rows [start, stop) with the image/mask bytes embedded, built without decoding any image."""
-    raw = dataset.select(range(start, stop)).cast_column("image", Image(decode=False))
-    raw = raw.cast_column("mask", Image(decode=False))
-    columns = {name: [] for name in FEATURES}
-    for row in raw:
-        source = row["path"]
-        relative = _relative(source, root)
-        image = row["image"]
-        image_bytes = image["bytes"] if image["bytes"] is not None else Path(image["path"]).read_bytes()
-        columns["image"].append({"bytes": image_bytes, "path": relative})
-        mask = row["mask"]
-        if mask is None:
-            columns["mask"].append(None)
-        else:
-            mask_path = _relative(mask["path"], root) if mask["path"] else None
-            columns["mask"].append({"bytes": _binary_mask_png(mask), "path": mask_path})
-        for name in ("label", "category", "defect_type"):
-            columns[name].append(row[name])
-        columns["path"].append(relative)
-    return Dataset.from_dict(columns, features=FEATURES)
-
-
-def _dataset_card(source: str, dataset: DatasetDict) -> str:
-    categories = sorted(set(dataset["train"].unique("category")) | set(dataset["test"].unique("category")))
-    counts = ", ".join(f"{split}: {len(dataset[split])}" for split in SPLITS)
-    return (
-        "---\n"
-        "configs:\n"
-        "- config_name: default\n"
-        "  data_files:\n"
-        + "".join(f"  - split: {split}\n    path: data/{split}-*.parquet\n" for split in SPLITS)
-        + "task_categories:\n- image-segmentation\n"
-        "tags:\n- anomaly-detection\n- cnc-hf\n"
-        "---\n\n"
-        f"# {source} (cnc-hf format)\n\n"
-        f"Converted with `python -m cnc_hf.data.convert`. Rows {counts}; categories: {', '.join(categories)}.\n\n"
-        "Columns: `image` (RGB), `mask` (0/255, None for good images), `label` (good/anomaly), `category`,\n"
-        "`defect_type`, `path` (relative to the source root). Load with `datasets.load_dataset(...)` or\n"
-        "`cnc_hf.data.load_anomaly_dataset(...)`. The source dataset's own license applies.\n"
-    )
-
-
-def convert_to_parquet(
-    dataset: DatasetDict,
-    output_dir: str | os.PathLike,
-    root: str | os.PathLike | None = None,
-    source_name: str = "anomaly dataset",
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-) -> Path:
-    """Write `dataset` (cnc-hf schema) as parquet shards + dataset card under `output_dir`.
-
-    Files are read shard by shard, so memory stays bounded by the shard size. `root` makes `path`
-    relative. Existing parquet shards in `output_dir/data` are an error (a mix would load both).
-    """
-    validate_schema(dataset, source_name)
-    output_dir = Path(output_dir).expanduser()
-    data_dir = output_dir / "data"
-    if data_dir.is_dir() and any(data_dir.glob("*.parquet")):
-        raise FileExistsError(f"{data_dir} already holds parquet shards; choose an empty --output_dir")
-    data_dir.mkdir(parents=True, exist_ok=True)
-    root_path = None if root is None else Path(root).expanduser()
-    for split in SPLITS:
-        ranges = _shard_ranges(dataset[split], max_shard_bytes)
-        for index, (start, stop) in enumerate(ranges):
-            shard = _embedded_shard(dataset[split], start, stop, root_path)
-            shard.to_parquet(str(data_dir / f"{split}-{index:05d}-of-{len(ranges):05d}.parquet"))
-    (output_dir / "README.md").write_text(_dataset_card(source_name, dataset), encoding="utf-8")
-    return output_dir
-
-
-def push_folder_to_hub(output_dir: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None):
-    """Upload a converted folder to a Hub dataset repo (created if needed); returns the commit info."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    return api.upload_folder(
-        folder_path=str(output_dir),
-        repo_id=repo_id,
-        repo_type="dataset",
-        commit_message="Upload anomaly dataset converted with cnc_hf.data.convert",
-    )
+from .common import AnomalyDatasetError
+from .parquet import DEFAULT_MAX_SHARD_BYTES, convert_to_parquet, push_folder_to_hub
 
 
 def _load_source(fmt: str, root: str, categories, split_csv, on_bad_file: str) -> DatasetDict:
