@@ -13,7 +13,10 @@ Rows are built from file *paths* (`Dataset.from_dict` with `Image` features stor
 bytes), so indexing all of MVTec AD (5354 files) decodes nothing. Files are checked cheaply at index
 time instead (`check_files="header"`): PIL reads only the header (format and size, so an image and
 its mask can be compared), and the last bytes of PNG/JPEG files are looked at, since a truncated copy
-loses its end marker; only a file that fails that look is decoded to confirm.
+loses its end marker; only a file that fails that look is decoded to confirm. Measured on an
+MVTec-sized copy (5355 images + 1800 masks, 2 busy CPU cores): 0.5 s without checks, 1.9 s with.
+Corruption inside intact files only shows with `check_files="full"` (decodes everything) or when
+the row is read.
 """
 
 from __future__ import annotations
