@@ -330,8 +330,11 @@ def write_model_card(output_dir: Path, metrics: dict | None, args) -> None:
     except ImportError:
         write = None
     if write is not None:
-        write(output_dir, metrics=metrics, dataset=str(args.dataset), training_args=training_args)
-        return
+        try:
+            write(output_dir, metrics=metrics, dataset=str(args.dataset), training_args=training_args)
+            return
+        except Exception as err:  # the card is the last step: a template problem must not cost the trained model
+            print(f"warning: cnc_hf.hub.write_model_card failed ({err}); writing a minimal README.md instead")
     from cnc_hf.metrics import format_metrics_table
 
     table = format_metrics_table(metrics) if metrics and "per_category" in metrics else "(not evaluated)"
@@ -424,7 +427,7 @@ def main(argv=None) -> dict:
                        "paths": [train_split[i]["path"] for i in shard] if "path" in train_split.column_names else shard}
         fingerprint["config"].pop("threshold", None)
         loader = DataLoader(local, batch_size=args.eval_batch_size, shuffle=False, num_workers=args.num_workers,
-                            collate_fn=collate, pin_memory=pin)
+                            collate_fn=collate, pin_memory=pin, generator=torch.Generator())  # see the epoch loader
         cache = FeatureCache.build(unwrapped, loader, len(shard), CACHE_DTYPES[args.cache_dtype], args.cache_dir,
                                    fingerprint, accelerator.device, progress=show)
         accelerator.print(f"feature cache: {len(cache)} images/process, {cache.nbytes / 2**20:.1f} MiB/process "
