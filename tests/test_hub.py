@@ -1,0 +1,373 @@
+"""Hub publishing, offline: model cards (templates, round trip through ModelCard.load), push with the
+client patched at its boundary, refusal of unsafe/incomplete dirs, and loading by Hub id from the cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard
+
+import cnc_hf.hub as hub
+from cnc_hf.pipeline import save_model_dir
+from modeling import CNCModel
+from modeling.image_processing_cnc import CNCImageProcessor
+
+from conftest import REPO_ROOT, tiny_cnc_config
+
+CODE_FILES = ["anomaly_map.py", "configuration_cnc.py", "decoder.py", "fusion.py", "image_processing_cnc.py",
+              "losses.py", "modeling_cnc.py", "moe.py", "normality.py", "pipeline_cnc.py", "prompts.py"]
+MODEL_FILES = ["model.safetensors", "config.json", "preprocessor_config.json", *CODE_FILES]
+CATEGORY_VALUES = {"image_auroc": 0.912, "image_ap": 0.834, "image_f1_max": 0.771, "pixel_auroc": 0.9456,
+                   "pixel_ap": 0.3121, "pixel_f1_max": 0.3555, "aupro": 0.8633}
+
+
+def fake_metrics() -> dict:
+    """The cnc_hf.metrics layout (fractions) plus what training adds (threshold details, run summary)."""
+    bottle = dict(CATEGORY_VALUES)
+    cable = {k: v - 0.1 for k, v in CATEGORY_VALUES.items()}
+    mean = {k: (bottle[k] + cable[k]) / 2 for k in CATEGORY_VALUES}
+    return {**{k: v - 0.01 for k, v in mean.items()}, "per_category": {"bottle": bottle, "cable": cable}, "mean": mean,
+            "threshold": {"value": 1.25, "method": "0.99 quantile of 4 held-out normal training images"},
+            "training": {"dataset": "mvtec", "world_size": 1, "mean_epoch_seconds": 2.5}}
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test: everything here must stay offline."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[1:] if len(args) > 1 else args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = CNCModel(tiny_cnc_config(threshold=1.25)).eval()
+    return save_model_dir(model, CNCImageProcessor(size=32), tmp_path_factory.mktemp("saved") / "model")
+
+
+@pytest.fixture
+def model_dir(saved_model, tmp_path) -> Path:
+    """A fresh copy of a finished training output dir, with the leftovers training leaves around."""
+    path = tmp_path / "cnc-run"
+    shutil.copytree(saved_model, path)
+    (path / "metrics.json").write_text(json.dumps(fake_metrics()))
+    (path / "metrics.md").write_text("| table |")
+    (path / "train_log.jsonl").write_text("{}\n")
+    (path / "notes.py").write_text("print('my scratch script')\n")
+    for folder, name in (("checkpoints/checkpoint_0", "optimizer.bin"), ("runs/tb", "events.out"),
+                         ("heatmaps/bottle", "000.png")):
+        (path / folder).mkdir(parents=True)
+        (path / folder / name).write_bytes(b"x")
+    PIL.Image.new("RGB", (12, 4), (200, 0, 0)).save(path / "heatmaps" / "bottle" / "000.png")
+    return path
+
+
+class RecordingHub:
+    """Stands in for the Hub at HfApi's boundary: records create_repo / create_commit calls."""
+
+    def __init__(self, monkeypatch):
+        self.repos, self.commits = [], []
+        recorder = self
+
+        def create_repo(api, repo_id, **kwargs):
+            recorder.repos.append({"repo_id": repo_id, **kwargs})
+            return f"https://huggingface.co/{repo_id}"
+
+        def create_commit(api, repo_id, operations, **kwargs):
+            recorder.commits.append({"repo_id": repo_id, "operations": list(operations), **kwargs})
+            return "fake-commit-info"
+
+        monkeypatch.setattr(HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(HfApi, "create_commit", create_commit)
+
+
+# --------------------------------------------------------------------------- templates
+def test_templates_are_chosen_by_dataset_and_found_in_the_repo():
+    assert hub.templates_dir() == REPO_ROOT / "model_cards"
+    cases = {"mvtec": "mvtec", "/data/mvtec_anomaly_detection": "mvtec", "org/MVTec-AD": "mvtec", "visa": "visa",
+             "/data/VisA_20220922": "visa", "demo": "generic", None: "generic", "advisable": "generic"}
+    for dataset, name in cases.items():
+        assert hub.template_name_for(dataset) == name, dataset
+    assert hub.template_path(dataset="visa").name == "cnc-visa.md"
+    assert hub.template_path("generic", dataset="mvtec").name == "generic.md"  # explicit template wins
+    with pytest.raises(ValueError, match="template"):
+        hub.template_path("no-such-template")
+
+
+def test_templates_are_found_in_an_installed_package(tmp_path):
+    """A real (non-editable) install: setup.py's package_data must ship model_cards/ where hub.py looks."""
+    source = tmp_path / "src"
+    source.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for name in ("setup.py", "README.md"):
+        shutil.copy(REPO_ROOT / name, source / name)
+    for name in ("cnc_hf", "modeling", "training", "model_cards"):
+        shutil.copytree(REPO_ROOT / name, source / name, ignore=ignore)
+    site = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                              "--no-index", "--target", str(site), str(source)], capture_output=True, text=True)
+    assert install.returncode == 0, install.stderr[-2000:]
+    script = "import cnc_hf.hub as h; print(h.__file__); print(*(h.template_path(n) for n in h.TEMPLATES), sep='\\n')"
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(site)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    paths = run.stdout.split()
+    assert all(p.startswith(str(site)) for p in paths), paths
+    assert sorted(Path(p).name for p in paths[1:]) == ["cnc-mvtec.md", "cnc-visa.md", "generic.md"]
+
+
+# --------------------------------------------------------------------------- model cards
+def test_card_round_trip_through_modelcard_load(model_dir):
+    training_args = {"dataset": "mvtec", "clip_model": "openai/clip-vit-large-patch14-336", "epochs": 250,
+                     "batch_size": 8, "lr": 0.001, "output_dir": "/home/me/secret-run", "data_dir": "/data/mvtec",
+                     "seed": 0}
+    path = hub.write_model_card(model_dir, training_args=training_args, repo_id="org/cnc-mvtec")
+    assert path == model_dir / "README.md"
+    card = ModelCard.load(path)
+    data = card.data
+    assert data.library_name == "transformers" and data.pipeline_tag == "image-segmentation"
+    assert data.license == "cc-by-nc-sa-4.0" and "image-anomaly-detection" in data.tags
+    assert data.base_model == "openai/clip-vit-large-patch14-336"
+    index = data.to_dict()["model-index"]
+    assert index[0]["name"] == "cnc-mvtec"
+    results = {(r.dataset_config, r.metric_name): r for r in data.eval_results}
+    assert len(results) == 3 * 7  # mean + 2 categories, 7 metrics each
+    assert results[("bottle", "I-AUROC")].metric_value == 91.2
+    assert results[("bottle", "P-AP")].metric_value == 31.21
+    assert results[("bottle", "AUPRO")].metric_type == "aupro"
+    assert results[(None, "P-AUROC")].metric_value == pytest.approx(round(100 * (0.9456 + 0.8456) / 2, 2))
+    assert results[("cable", "I-F1max")].metric_value == pytest.approx(67.1)
+    assert all(r.dataset_type == "mvtec_ad" and r.dataset_split == "test" for r in data.eval_results)
+    # The paper's numbers are in the text, labelled, and never in the model's metadata.
+    assert "the paper's numbers (not this model's)" in card.text
+    assert "| **Mean** | 98.6 | 98.0 | 93.0 | 99.3 | 56.4 |" in card.text
+    assert 98.6 not in {r.metric_value for r in data.eval_results}
+    # Measured table, threshold, hyperparameters, usage with the repo id, heat map, citation.
+    assert "| bottle | 91.2 | 94.6 | 86.3 | 83.4 | 31.2 |" in card.text
+    assert "0.99 quantile of 4 held-out normal training images" in card.text and "`1.25`" in card.text
+    assert "| epochs | 250 |" in card.text and "| tapped layers | [1, 2, 3] |" in card.text
+    assert 'model="org/cnc-mvtec", trust_remote_code=True' in card.text
+    assert "![Input and anomaly heat map](heatmap_example.png)" in card.text
+    assert (model_dir / "heatmap_example.png").is_file()  # taken from heatmaps/ written by training
+    assert "Cross-modal Normality Constraint for Unsupervised Multi-class Anomaly Detection" in card.text
+    assert "# cnc-mvtec: CNC anomaly detector for MVTec AD" in card.text
+    # Machine-specific arguments are not published.
+    saved_args = json.loads((model_dir / "training_args.json").read_text())
+    assert "output_dir" not in saved_args and "data_dir" not in saved_args and saved_args["epochs"] == 250
+    assert "secret-run" not in path.read_text()
+
+
+def test_card_rerenders_from_saved_files_and_other_templates(model_dir):
+    hub.write_model_card(model_dir, training_args={"dataset": "visa", "epochs": 3})
+    card = ModelCard.load(model_dir / "README.md")  # metrics.json and training_args.json read back
+    assert card.data.license == "cc-by-4.0" and "Table 3 of the CNC paper" in card.text
+    assert {r.dataset_type for r in card.data.eval_results} == {"visa"}
+    hub.write_model_card(model_dir, dataset="my_textures", metrics={}, template=None)
+    generic = ModelCard.load(model_dir / "README.md")
+    assert generic.data.license == "apache-2.0" and "**my_textures**" in generic.text
+    assert generic.data.eval_results is None and "Not evaluated" in generic.text
+    assert "model-index" not in generic.data.to_dict()
+    assert "93.2 / 98.5 / 91.4 / 92.6 / 37.8" in generic.text  # the paper's, labelled as such
+    custom = model_dir / "custom.md"
+    custom.write_text("---\n{{ card_data }}\n---\n# {{ model_name }} by me\n")
+    hub.write_model_card(model_dir, template=custom, repo_id="me/x")
+    assert ModelCard.load(model_dir / "README.md").text.strip() == "# x by me"
+
+
+def test_card_without_threshold_says_so(model_dir):
+    config = json.loads((model_dir / "config.json").read_text())
+    config["threshold"] = None
+    (model_dir / "config.json").write_text(json.dumps(config))
+    (model_dir / "metrics.json").unlink()
+    text = hub.write_model_card(model_dir, dataset="mvtec").read_text()
+    assert "not calibrated: `is_anomaly` is None unless you pass `threshold=`" in text
+    assert "Not evaluated" in text
+
+
+def test_card_renders_an_example_heat_map_from_an_image(model_dir):
+    shutil.rmtree(model_dir / "heatmaps")
+    hub.write_model_card(model_dir, dataset="mvtec")
+    assert "No example image was rendered" in (model_dir / "README.md").read_text()
+    image = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    hub.write_model_card(model_dir, dataset="mvtec", example_image=image)
+    panel = PIL.Image.open(model_dir / "heatmap_example.png")
+    assert panel.size == (2 * 576, 384)  # input | heat map, 384 px high
+    assert "![Input and anomaly heat map](heatmap_example.png)" in (model_dir / "README.md").read_text()
+
+
+def test_metrics_in_percent_are_refused(model_dir):
+    metrics = fake_metrics()
+    metrics["per_category"]["bottle"]["image_auroc"] = 91.2
+    with pytest.raises(ValueError, match=r"\['per_category'\]\['bottle'\]\['image_auroc'\].*fraction"):
+        hub.write_model_card(model_dir, metrics=metrics)
+
+
+# --------------------------------------------------------------------------- push
+def test_push_uploads_exactly_the_files_that_belong(model_dir, monkeypatch):
+    recorder = RecordingHub(monkeypatch)
+    hub.write_model_card(model_dir, training_args={"dataset": "mvtec", "epochs": 2})
+    result = hub.push_to_hub(model_dir, "org/cnc-mvtec", private=True, token="hf_dummy", create_pr=True)
+    assert result == "fake-commit-info"
+    assert recorder.repos == [{"repo_id": "org/cnc-mvtec", "repo_type": "model", "private": True, "exist_ok": True}]
+    (commit,) = recorder.commits
+    uploaded = sorted(op.path_in_repo for op in commit["operations"])
+    expected = sorted(MODEL_FILES + ["README.md", "metrics.json", "training_args.json", "heatmap_example.png"])
+    assert uploaded == expected
+    assert commit["create_pr"] is True and commit["repo_type"] == "model"
+    for op in commit["operations"]:  # each operation points at the file in the model dir
+        assert Path(op.path_or_fileobj) == model_dir / op.path_in_repo
+    # The card was refreshed for the repo id before the upload.
+    assert 'model="org/cnc-mvtec"' in (model_dir / "README.md").read_text()
+
+
+def test_push_without_optional_files_and_dry_run(saved_model, tmp_path, monkeypatch):
+    recorder = RecordingHub(monkeypatch)
+    bare = tmp_path / "bare"
+    shutil.copytree(saved_model, bare)
+    files = hub.push_to_hub(bare, "cnc-mini", dry_run=True)
+    assert sorted(files) == sorted(MODEL_FILES + ["README.md"])
+    assert recorder.repos == [] and recorder.commits == []
+    assert "Not evaluated" in (bare / "README.md").read_text()  # generic card, no metrics
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "extra.pt", "state.pkl", "weights.pth"])
+def test_push_refuses_pickle_files(model_dir, monkeypatch, name):
+    recorder = RecordingHub(monkeypatch)
+    (model_dir / name).write_bytes(b"\x80\x04pickle")
+    with pytest.raises(hub.ModelDirError, match=f"pickle-format files \\['{name}'\\]"):
+        hub.push_to_hub(model_dir, "org/cnc-mvtec")
+    assert recorder.repos == [] and recorder.commits == []
+    assert not (model_dir / "README.md").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda d: (d / "model.safetensors").unlink(), "no model.safetensors"),
+    (lambda d: (d / "moe.py").unlink(), "code file moe.py is missing"),
+    (lambda d: (d / "pipeline_cnc.py").unlink(), "code file pipeline_cnc.py is missing"),
+    (lambda d: (d / "preprocessor_config.json").unlink(), "no preprocessor_config.json"),
+    (lambda d: _edit_config(d, custom_pipelines=None), "no custom_pipelines entry"),
+    (lambda d: _edit_config(d, model_type="clip"), "expected 'cnc'"),
+    (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
+])
+def test_push_refuses_incomplete_dirs(model_dir, monkeypatch, breakage, message):
+    recorder = RecordingHub(monkeypatch)
+    breakage(model_dir)
+    with pytest.raises(hub.ModelDirError, match=message):
+        hub.push_to_hub(model_dir, "org/cnc-mvtec")
+    assert recorder.repos == []
+
+
+def _edit_config(model_dir: Path, **changes) -> None:
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(changes)
+    (model_dir / "config.json").write_text(json.dumps(config))
+
+
+def test_push_checks_the_repo_id(model_dir):
+    for bad in ("", "a/b/c", "has space/x"):
+        with pytest.raises(ValueError, match="repo_id"):
+            hub.push_to_hub(model_dir, bad, dry_run=True)
+
+
+def test_push_command(model_dir, monkeypatch, capsys):
+    from cnc_hf import cli
+
+    recorder = RecordingHub(monkeypatch)
+    assert hub.main(["push", str(model_dir), "org/cnc-mvtec", "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "would upload 17 files" in out and "model.safetensors" in out and "checkpoints" not in out
+    assert cli.main(["push", str(model_dir), "org/cnc-mvtec", "--private", "--token", "hf_x"]) == 0
+    assert recorder.repos[0]["private"] is True and len(recorder.commits) == 1
+    assert "fake-commit-info" in capsys.readouterr().out
+    (model_dir / "pytorch_model.bin").write_bytes(b"x")
+    assert hub.main(["push", str(model_dir), "org/cnc-mvtec"]) == 1
+    assert "pickle-format" in capsys.readouterr().err
+    assert hub.main(["card", str(model_dir)]) == 0 and (model_dir / "README.md").is_file()
+
+
+# --------------------------------------------------------------------------- loading by Hub id
+def test_uncached_id_gives_a_clear_error(tmp_path):
+    with pytest.raises(hub.ModelNotAvailableError, match=r"'org/nothing-here' is not a local directory and is not "
+                                                          r"in the Hugging Face cache .*offline"):
+        hub.load_model("org/nothing-here", cache_dir=str(tmp_path), local_files_only=True)
+    with pytest.raises(OSError):  # a missing local dir keeps transformers' own error
+        hub.load_model(tmp_path / "no-such-dir")
+
+
+def test_hub_ids_load_from_the_cache_offline(saved_model, tmp_path):
+    """`org/cnc-mvtec` from a Hub cache (the layout huggingface_hub writes), HF_HUB_OFFLINE=1: remote-code
+    pipeline in a process without cnc-hf, then CNCModel / load_model with it; an uncached id fails clearly."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--org--cnc-mvtec"
+    shutil.copytree(saved_model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    image = np.random.default_rng(0).integers(0, 256, (30, 44, 3), dtype=np.uint8)
+    PIL.Image.fromarray(image).save(tmp_path / "part.png")
+    script = textwrap.dedent(
+        f"""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] in ("cnc_hf", "modeling", "training"):
+                    raise ImportError("blocked: " + name)
+        blocker = Block()
+        sys.meta_path.insert(0, blocker)
+        from transformers import pipeline
+        pipe = pipeline("image-anomaly-detection", model="org/cnc-mvtec", trust_remote_code=True)
+        assert type(pipe).__module__.startswith("transformers_modules"), type(pipe).__module__
+        remote = pipe({str(tmp_path / "part.png")!r})
+        print("REMOTE", remote["score"], remote["anomaly_map"].shape)
+        sys.meta_path.remove(blocker)
+
+        import torch
+        from cnc_hf.hub import ModelNotAvailableError, load_model, load_pipeline
+        from modeling import CNCModel
+        model = CNCModel.from_pretrained("org/cnc-mvtec").eval()
+        assert type(load_model("org/cnc-mvtec")) is CNCModel
+        from modeling.image_processing_cnc import CNCImageProcessor
+        from PIL import Image
+        processor = CNCImageProcessor.from_pretrained("org/cnc-mvtec")
+        with torch.no_grad():
+            score = float(model(**processor(Image.open({str(tmp_path / "part.png")!r}))).image_score[0])
+        print("LOCAL", score)
+        local_pipe = load_pipeline("org/cnc-mvtec")
+        print("LOCALPIPE", type(local_pipe).__module__, local_pipe({str(tmp_path / "part.png")!r})["score"])
+        for load in (load_model, lambda i: load_pipeline(i, trust_remote_code=True)):
+            try:
+                load("org/not-cached")
+            except ModelNotAvailableError as err:
+                print("ERROR", err)
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache"),
+           "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    env.pop("HF_HOME", None)
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=180)
+    lines = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in run.stdout.splitlines() if " " in line}
+    assert "LOCALPIPE" in lines, run.stderr[-3000:]
+    remote_score = float(lines["REMOTE"].split()[0])
+    assert lines["REMOTE"].endswith("(30, 44)")
+    assert remote_score == pytest.approx(float(lines["LOCAL"]), abs=1e-5)
+    module, local_pipe_score = lines["LOCALPIPE"].split()
+    assert module == "modeling.pipeline_cnc" and float(local_pipe_score) == pytest.approx(remote_score, abs=1e-5)
+    errors = [line for line in run.stdout.splitlines() if line.startswith("ERROR ")]
+    assert len(errors) == 2, run.stdout + run.stderr[-2000:]
+    for error in errors:
+        assert "'org/not-cached' is not a local directory and is not in the Hugging Face cache" in error
+        assert "offline" in error and "hf download org/not-cached" in error
