@@ -252,6 +252,17 @@ def _find_heatmap_example(model_dir: Path) -> str | None:
 
 
 # --------------------------------------------------------------------------- the card
+def _threshold_method(details: Mapping[str, Any]) -> str | None:
+    """How the threshold was set, from the trainer's details in metrics.json ("threshold")."""
+    method = details.get("method")
+    if not method:
+        return None
+    extras = [f"q = {details['quantile']}" if details.get("quantile") is not None else None,
+              f"{details['num_calibration_images']} images" if details.get("num_calibration_images") else None]
+    extras = [e for e in extras if e]
+    return f"{method}{' (' + ', '.join(extras) + ')' if extras else ''}"
+
+
 def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
@@ -339,7 +350,7 @@ def write_model_card(
         dataset_name=dataset_name,
         metrics_table=metrics_table(metrics),
         threshold=threshold,
-        threshold_method=threshold_info.get("method"),
+        threshold_method=_threshold_method(threshold_info),
         hyperparameters=_hyperparameters(config, training_args, summary),
         heatmap_image=_find_heatmap_example(model_dir),
         citation=CITATION,

@@ -98,8 +98,13 @@ def overlay_heatmap(
                                            align_corners=False)[0, 0].numpy()
     low, high = value_range if value_range is not None else (float(np.nanmin(amap)), float(np.nanmax(amap)))
     span = high - low
-    normalised = (amap - low) / span if span > 0 else np.zeros_like(amap)
-    colours = PIL.Image.fromarray(jet_colormap(normalised), "RGB")
+    # In place: at display size this is the largest float array the overlay makes.
+    amap -= low
+    if span > 0:
+        amap /= span
+    else:
+        amap.fill(0.0)
+    colours = PIL.Image.fromarray(jet_colormap(amap), "RGB")
     return PIL.Image.blend(image, colours, alpha)
 
 
@@ -141,13 +146,12 @@ def load_rgb(item: Any) -> PIL.Image.Image:
                 raise ValueError("empty bytes")
             item = PIL.Image.open(io.BytesIO(bytes(item)))
             item.load()
-        elif isinstance(item, (np.ndarray, torch.Tensor)):
-            if item.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or (
-                isinstance(item, np.ndarray) and item.dtype.kind == "f"
-            ):
-                finite = torch.isfinite(item).all() if isinstance(item, torch.Tensor) else np.isfinite(item).all()
-                if not bool(finite):
-                    raise ValueError("the array contains NaN or infinite values")
+        elif isinstance(item, torch.Tensor) and item.is_floating_point():
+            if not bool(torch.isfinite(item).all()):
+                raise ValueError("the tensor contains NaN or infinite values")
+        elif isinstance(item, np.ndarray) and item.dtype.kind == "f":
+            if not bool(np.isfinite(item).all()):
+                raise ValueError("the array contains NaN or infinite values")
         return to_rgb_pil(item)
     except FileNotFoundError:
         raise ValueError(f"{where}: no such file") from None
@@ -156,7 +160,8 @@ def load_rgb(item: Any) -> PIL.Image.Image:
     except (PIL.UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"{where}: not a readable image ({err})") from err
     except (ValueError, TypeError) as err:
-        raise ValueError(f"{where}: {err}") from err
+        message = str(err).removeprefix("images: ")  # to_rgb_pil's own prefix; `where` says more
+        raise ValueError(f"{where}: {message}") from err
 
 
 def _check_threshold(value: Any, name: str = "threshold") -> float | None:
