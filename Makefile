@@ -9,12 +9,13 @@ TORCH_SPEC ?= torch==2.13.0
 
 install:
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
-	$(PYTHON) -m pip install -q -e ".[test]"
+	$(PYTHON) -m pip install -q -e ".[test,app]"
 
 demo: install
 	$(PYTHON) -m cnc_hf.cli demo $(DEMO_ARGS)
 
 test: install
+	sh scripts/install_browser.sh
 	$(PYTHON) -m pytest -q tests
 
 benchmark: install

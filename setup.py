@@ -30,8 +30,11 @@ setup(
         "jinja2",
     ],
     extras_require={
-        "test": ["pytest", "scikit-learn", "hypothesis"],
+        # playwright: the Python driver only; the browser test uses Debian's /usr/bin/chromium
+        # (scripts/install_browser.sh), never `playwright install`.
+        "test": ["pytest", "scikit-learn", "hypothesis", "playwright"],
         "tensorboard": ["tensorboard"],
+        "app": ["gradio>=5"],
     },
     entry_points={"console_scripts": ["cnc-hf=cnc_hf.cli:main"]},
 )
