@@ -24,7 +24,10 @@ the metric of all images pooled; :func:`compute_anomaly_metrics` returns both.
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
@@ -32,6 +35,9 @@ from scipy import ndimage
 
 __all__ = [
     "METRIC_KEYS",
+    "IMAGE_KEYS",
+    "PIXEL_KEYS",
+    "PAPER_KEYS",
     "AUPRO_FPR_LIMIT",
     "compute_anomaly_metrics",
     "AnomalyMetricAccumulator",
@@ -48,16 +54,14 @@ METRIC_KEYS = (
     "pixel_f1_max",
     "aupro",
 )
-IMAGE_KEYS = METRIC_KEYS[:3]
-PIXEL_KEYS = METRIC_KEYS[3:]
+IMAGE_KEYS = METRIC_KEYS[:3]  # from image scores alone
+PIXEL_KEYS = METRIC_KEYS[3:]  # need anomaly maps and masks
 # The five numbers the paper averages into "mTotal", in the paper's column order.
 PAPER_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap")
 AUPRO_FPR_LIMIT = 0.3
 
 # `evaluate.load(EVALUATE_MODULE_PATH)` gives the same metrics as an `evaluate` module.
-EVALUATE_MODULE_PATH = str(
-    __import__("pathlib").Path(__file__).with_name("evaluate_metric") / "cnc_anomaly_metrics.py"
-)
+EVALUATE_MODULE_PATH = str(Path(__file__).with_name("evaluate_metric") / "cnc_anomaly_metrics.py")
 
 # 8-connectivity within an image, none across the images of a stack (N, H, W).
 _REGION_STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
@@ -222,6 +226,12 @@ def _pixel_metrics(neg_sorted: np.ndarray, pos: np.ndarray, region_ids: np.ndarr
     }
 
 
+def _pooled_pixel_metrics(parts: list) -> dict:
+    neg = np.concatenate([p[0] for p in parts])
+    neg.sort()
+    return _pixel_metrics(neg, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]))
+
+
 def _label_regions(masks: np.ndarray) -> np.ndarray:
     """8-connected ground-truth regions of each image, numbered across the stack (0 = normal)."""
     regions, _ = ndimage.label(masks, structure=_REGION_STRUCTURE)
@@ -297,11 +307,12 @@ def _validate(image_scores, image_labels, anomaly_maps, masks, categories, categ
             raise ValueError(
                 f"categories must have one entry per image ({scores.shape[0]}), got shape {categories.shape}."
             )
-        if category_names is not None:
-            if not np.issubdtype(categories.dtype, np.integer):
-                raise ValueError("with category_names, categories must be integer ids into category_names.")
+        if category_names is not None and np.issubdtype(categories.dtype, np.integer):
             categories = np.asarray(category_names, dtype=object)[categories]
         categories = categories.astype(str)
+        if category_names is not None and not set(categories) <= set(map(str, category_names)):
+            unknown = sorted(set(categories) - set(map(str, category_names)))
+            raise ValueError(f"categories {unknown} are not in category_names.")
     return scores, labels, maps, masks, categories
 
 
@@ -334,7 +345,8 @@ def compute_anomaly_metrics(
         masks: same shape, ground truth (bool or 0/1); its 8-connected regions define AUPRO.
         categories: optional (N,) category per image (strings, or integer ids with
             `category_names`); adds per-category metrics and their mean.
-        category_names: names of the integer category ids.
+        category_names: names of the integer category ids; also the order of the results
+            (default: sorted names).
 
     Arrays may be numpy arrays, lists or torch tensors.
 
@@ -362,21 +374,26 @@ def compute_anomaly_metrics(
         return result
 
     names = [str(n) for n in (dict.fromkeys(category_names) if category_names is not None else sorted(set(categories)))]
-    per_category, parts = {}, []
-    for name in names:
-        idx = np.flatnonzero(categories == name)
-        if idx.size == 0:
-            continue
-        where = f" of category {name!r}"
-        per_category[name] = _image_metrics(scores[idx], labels[idx], where)
-        if maps is not None:
-            parts.append(_pixel_parts(_subset(maps, idx), _subset(masks, idx), _subset(regions, idx)))
-            per_category[name].update(_pixel_metrics(*parts[-1], where))
+    groups = {name: idx for name in names if (idx := np.flatnonzero(categories == name)).size}
+    per_category = {
+        name: _image_metrics(scores[idx], labels[idx], f" of category {name!r}") for name, idx in groups.items()
+    }
     if maps is not None:
-        # Pooled pixel metrics from the categories' pixels: extracted once, sorted again.
-        neg = np.concatenate([p[0] for p in parts])
-        neg.sort()
-        result.update(_pixel_metrics(neg, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])))
+        # numpy releases the GIL in the heavy steps (masking, sorting, searching), so the
+        # categories run in parallel threads.
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            parts = list(pool.map(
+                lambda idx: _pixel_parts(_subset(maps, idx), _subset(masks, idx), _subset(regions, idx)),
+                groups.values(),
+            ))
+            # Pooled pixel metrics from the categories' pixels: extracted once, sorted again.
+            pooled = pool.submit(_pooled_pixel_metrics, parts)
+            per_pixel = pool.map(
+                lambda item: _pixel_metrics(*item[1], f" of category {item[0]!r}"), zip(groups, parts)
+            )
+            for name, pixel in zip(groups, per_pixel):
+                per_category[name].update(pixel)
+            result.update(pooled.result())
     result["per_category"] = per_category
     result["mean"] = {k: float(np.mean([m[k] for m in per_category.values()])) for k in METRIC_KEYS if k in result}
     return result
@@ -426,12 +443,13 @@ class AnomalyMetricAccumulator:
             categories = _to_numpy(categories)
             if categories.shape != scores.shape:
                 raise ValueError(f"categories must have one entry per image, got shape {categories.shape}.")
-            self._categories.append(categories)
-        self._scores.append(scores)
-        self._labels.append(labels)
+            self._categories.append(categories.copy())
+        # Copies: the arrays may share memory with the caller's tensors or reused buffers.
+        self._scores.append(scores.copy())
+        self._labels.append(labels.copy())
         if maps is not None:
-            self._maps.append(maps)
-            self._masks.append(masks)
+            self._maps.append(maps.copy())
+            self._masks.append(masks.copy())
 
     def compute(self) -> dict:
         """:func:`compute_anomaly_metrics` on everything added since the last :meth:`reset`."""

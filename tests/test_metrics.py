@@ -220,6 +220,10 @@ def test_integer_categories_with_names():
     by_name = compute_anomaly_metrics(scores, labels, maps, masks, cats)
     assert list(by_id["per_category"]) == names
     assert_close(by_id, by_name)
+    by_name_ordered = compute_anomaly_metrics(scores, labels, maps, masks, cats, category_names=names)
+    assert list(by_name_ordered["per_category"]) == names
+    with pytest.raises(ValueError, match="not in category_names"):
+        compute_anomaly_metrics(scores, labels, maps, masks, cats, category_names=names[:2])
 
 
 def test_image_metrics_only():
@@ -244,7 +248,9 @@ def test_accumulator_equals_one_shot_with_torch_batches():
             categories=torch.from_numpy(ids[b]),
         )
     assert len(acc) == len(scores)
-    expected = compute_anomaly_metrics(scores.astype(np.float32), labels, maps, masks, cats)
+    maps_seen = maps.copy()
+    maps[:] = 0  # the tensors shared this memory: the accumulator must keep its own copy
+    expected = compute_anomaly_metrics(scores.astype(np.float32), labels, maps_seen, masks, cats)
     assert_close(acc.compute(), expected)
     acc.reset()
     with pytest.raises(ValueError, match="update"):
