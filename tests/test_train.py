@@ -246,7 +246,7 @@ def test_incomplete_checkpoints_are_never_the_latest(tmp_path):
 
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("case", ["unknown_dataset", "empty_data_dir", "missing_data_dir", "clip_without_weights",
-                                  "clip_missing", "output_dir_taken", "resume_without_checkpoint", "bad_override",
+                                  "clip_missing", "bad_model_flags", "output_dir_taken", "resume_without_checkpoint", "bad_override",
                                   "test_split_without_anomalies"])
 def test_bad_input_is_refused_before_training(case, tmp_path, tiny_data, tiny_clip_dir, monkeypatch):
     # If anything got as far as building the model, the checks came too late.
@@ -267,6 +267,8 @@ def test_bad_input_is_refused_before_training(case, tmp_path, tiny_data, tiny_cl
         args, match = argv(data, tmp_path / "clip", out), r"--clip_model .*no weights"
     elif case == "clip_missing":
         args, match = argv(data, tmp_path / "no_clip", out), r"--clip_model .*no such directory"
+    elif case == "bad_model_flags":
+        args, match = argv(data, clip, out, "--moe_top_k", "6"), r"moe_top_k"
     elif case == "output_dir_taken":
         out.mkdir()
         (out / "model.safetensors").write_text("another run")
@@ -352,3 +354,20 @@ def test_two_cpu_processes_train_and_evaluate_every_test_image_once(tmp_path, ti
     assert all(r["world_size"] == 2 for r in log_records(out))
     assert (out / "checkpoints" / "epoch_0002" / "random_states_1.pkl").is_file()
     assert time.time() - start < 300
+
+
+def test_shards_cover_the_set_with_equal_lengths_and_orders_are_reproducible():
+    from training.sharding import ShardSampler, batches, shard_indices
+
+    shards = [shard_indices(9, rank, 2) for rank in range(2)]
+    assert [len(s) for s in shards] == [5, 5]  # padded by wrapping around, like DistributedSampler
+    assert set(shards[0]) | set(shards[1]) == set(range(9)) and not set(shards[0]) & set(shards[1]) - {0}
+    assert shard_indices(1, 1, 4) == [0]
+    sampler = ShardSampler(5, seed=0)
+    sampler.set_epoch(3)
+    order = list(sampler)
+    assert sorted(order) == list(range(5))
+    again = ShardSampler(5, seed=0)
+    again.set_epoch(3)
+    assert list(again) == order
+    assert batches(order, 2) == [order[:2], order[2:4], order[4:]]

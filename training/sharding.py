@@ -41,3 +41,20 @@ def epoch_order(num_local: int, seed: int, epoch: int, process_index: int = 0) -
 def batches(order: list[int], batch_size: int) -> list[list[int]]:
     """Consecutive chunks of `order` (the last one may be smaller)."""
     return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Local positions of this process's shard in the order of `epoch_order`; call `set_epoch` each epoch
+    (a sampler object, so a DataLoader can keep persistent workers across epochs)."""
+
+    def __init__(self, num_local: int, seed: int, process_index: int = 0):
+        self.num_local, self.seed, self.process_index, self.epoch = num_local, seed, process_index, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(epoch_order(self.num_local, self.seed, self.epoch, self.process_index))
+
+    def __len__(self) -> int:
+        return self.num_local

@@ -232,6 +232,18 @@ def check_clip_model(name: str) -> None:
         raise TrainingSetupError(f"--clip_model {name}: no such directory (and not a Hub id)")
 
 
+def check_model_config(args) -> None:
+    """Build the CNCConfig from the CLIP config and the flags (reads config.json only): bad values such as
+    --moe_top_k > --num_experts, or an unreachable Hub id, fail here rather than after loading data."""
+    from modeling import CNCConfig
+
+    overrides = config_overrides(args)
+    try:
+        CNCConfig.from_clip_pretrained(args.clip_model, **overrides)
+    except (OSError, ValueError) as err:
+        raise TrainingSetupError(f"--clip_model {args.clip_model} with the model flags: {err}") from err
+
+
 def check_dataset_name(args) -> None:
     name = str(args.dataset)
     if name.lower() in NAMED_DATASETS or Path(name).expanduser().exists():
@@ -293,7 +305,7 @@ def check_test_split(test) -> None:
         found = set(labels[categories == category].tolist())
         if found != {0, 1}:
             kind = "anomalous" if 1 not in found else "normal"
-            raise TrainingSetupError(f"test split: category {category!r} has no {kind} image, so it cannot be "
+            raise TrainingSetupError(f"test split: category {str(category)!r} has no {kind} image, so it cannot be "
                                      "evaluated; fix the data or pass --no_eval")
 
 
@@ -367,11 +379,12 @@ def main(argv=None) -> dict:
     from modeling.image_processing_cnc import CNCImageProcessor
     from training.checkpointing import load_checkpoint, read_checkpoint_meta, register_trainable_only_hooks, save_checkpoint
     from training.feature_cache import CACHE_DTYPES, FeatureCache
-    from training.sharding import batches, epoch_order, shard_indices
+    from training.sharding import ShardSampler, batches, shard_indices
 
     # Everything that can be wrong is checked before the first step (and before any file is written).
     check_dataset_name(args)
     check_clip_model(args.clip_model)
+    check_model_config(args)
     check_output_dir(args)
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
@@ -390,13 +403,14 @@ def main(argv=None) -> dict:
             raise TrainingSetupError(f"--resume {args.resume}: the checkpoint was trained with other values of "
                                      + ", ".join(f"--{k} (was {a!r}, now {b!r})" for k, (a, b) in changed.items()))
     set_seed(args.seed, device_specific=True)  # per-process noise/dropout streams
-    train_split, calibration_split, test_split = load_data(args)
+    with accelerator.main_process_first():  # "demo" writes its images on first use: once, not per process
+        train_split, calibration_split, test_split = load_data(args)
     model = build_model(args)
     processor = CNCImageProcessor(size=args.image_size)
     accelerator.wait_for_everyone()  # all processes passed the checks: now files may be written
 
     if main_process and args.overwrite_output_dir and args.resume is None:
-        for stale in ("checkpoints", "train_log.jsonl", "runs"):
+        for stale in ("checkpoints", "runs", "heatmaps", "train_log.jsonl", "metrics.json", "metrics.md"):
             target = output_dir / stale
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -418,13 +432,14 @@ def main(argv=None) -> dict:
     # This process's fixed shard of the training set (training/sharding.py).
     shard = shard_indices(len(train_split), accelerator.process_index, world)
     local = Subset(train_split, shard)
+    sampler = ShardSampler(len(shard), args.seed, accelerator.process_index)
     collate = make_collate_fn(processor)
     pin = accelerator.device.type == "cuda"
     cache = None
     if args.cache_features and start_epoch < args.epochs:
         fingerprint = {"clip_model": str(Path(args.clip_model).resolve()) if Path(args.clip_model).exists()
                        else args.clip_model, "config": unwrapped.config.to_diff_dict(), "processor": processor.to_dict(),
-                       "paths": [train_split[i]["path"] for i in shard] if "path" in train_split.column_names else shard}
+                       "paths": [train_split["path"][i] for i in shard]}  # the column: no image decoding
         fingerprint["config"].pop("threshold", None)
         loader = DataLoader(local, batch_size=args.eval_batch_size, shuffle=False, num_workers=args.num_workers,
                             collate_fn=collate, pin_memory=pin, generator=torch.Generator())  # see the epoch loader
@@ -445,18 +460,22 @@ def main(argv=None) -> dict:
         log_path.write_text("".join(line + "\n" for line in kept))
     epoch_seconds = []
 
+    if cache is None:
+        # A private generator: the loader's base seed must not consume the global RNG, which the model's
+        # noise uses (the cached path has no loader; both must see the same noise).
+        train_loader = DataLoader(local, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                                  collate_fn=collate, pin_memory=pin, persistent_workers=args.num_workers > 0,
+                                  generator=torch.Generator().manual_seed(args.seed))
+
     for epoch in range(start_epoch, args.epochs):
         model.train()
-        order = epoch_order(len(shard), args.seed, epoch, accelerator.process_index)
+        sampler.set_epoch(epoch)
         if cache is not None:
             steps = ({"tapped_features": cache.batch(positions, accelerator.device)}
-                     for positions in batches(order, args.batch_size))
+                     for positions in batches(list(sampler), args.batch_size))
         else:
-            # A private generator: the loader's base seed must not consume the global RNG, which the
-            # model's noise uses (the cached path has no loader; both must see the same noise).
-            loader = DataLoader(local, batch_size=args.batch_size, sampler=order, num_workers=args.num_workers,
-                                collate_fn=collate, pin_memory=pin, generator=torch.Generator().manual_seed(epoch))
-            steps = ({"pixel_values": batch["pixel_values"].to(accelerator.device)} for batch in loader)
+            steps = ({"pixel_values": batch["pixel_values"].to(accelerator.device, non_blocking=True)}
+                     for batch in train_loader)
         sums = torch.zeros(len(LOSS_NAMES) + 1, device=accelerator.device)  # loss parts * images, images
         start = time.perf_counter()
         for inputs in tqdm(steps, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not show,
