@@ -260,7 +260,7 @@ def build_app(model_or_dir: Any, threshold: float | None = None, examples: Any =
         start, source = None, None
     if start is None:
         source = ("the model has no calibrated threshold; the slider will start at the median score of your first "
-                  "upload, a rough default only")
+                  "upload, a rough default only, and each heat map is coloured by its own min..max")
     # Fixed heat-map colours (the pipeline's scale: green at the starting threshold).
     heatmap_range = (0.0, 2.0 * start) if start is not None and start > 0 else None
     slider_max = slider_limit([start or 0.0])
@@ -287,7 +287,8 @@ def build_app(model_or_dir: Any, threshold: float | None = None, examples: Any =
         threshold_now = current if (start is not None or session_start is not None) else None
         gallery = [(r["heatmap"], f"{r['name']}  {format_score(r['score'])}") for r in results]
         raw = render_raw_map(results[0]["anomaly_map"], threshold_now) if results else None
-        return (results, results_table(results, threshold_now), gallery, raw,
+        kept = [{k: r[k] for k in ("name", "score", "anomaly_map")} for r in results]  # the overlays are shown, not kept
+        return (kept, results_table(results, threshold_now), gallery, raw,
                 summary_markdown(results, threshold_now, errors), slider, session_start)
 
     def redecide(results, current, selected):
