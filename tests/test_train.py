@@ -329,15 +329,15 @@ def _free_port() -> int:
 
 
 def test_two_cpu_processes_train_and_evaluate_every_test_image_once(tmp_path, tiny_clip_dir):
-    """`accelerate launch --multi_gpu --num_processes 2` + `--cpu`: two gloo processes (the plain
-    `--cpu --num_processes 2` launch silently runs one). 9 test images over 2 processes with batch 2
+    """training/configs/ddp_cpu_2proc.yaml (= `--multi_gpu --num_processes 2`) + `--cpu`: two gloo
+    processes (the plain `--cpu --num_processes 2` launch silently runs one). 9 test images over 2 processes with batch 2
     pads the last batch; gather_for_metrics must drop the duplicates."""
     data = tmp_path / "data"
     write_mvtec_layout(data, categories=("waves",), n_train=5, n_test_good=3, n_test_bad=2, seed=2)
     write_mvtec_layout(data, categories=("rings",), n_train=5, n_test_good=2, n_test_bad=2, seed=3)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    config = REPO_ROOT / "training" / "configs" / "ddp_cpu_2proc.yaml"  # the shipped config, tested here
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                "--main_process_port", str(_free_port()), str(REPO_ROOT / "training" / "train.py"),
                *argv(data, tiny_clip_dir, out, "--epochs", "2", "--eval_batch_size", "2", "--batch_size", "2",
                      "--cache_features", "--save_every", "1")]

@@ -21,10 +21,16 @@ Design choices (also in --help):
 - Decision threshold: `--calibration_fraction` (default 0.1) of the normal TRAINING images of each
   category (at least one when a category has two or more) is held out of training; after training,
   threshold = the `--threshold_quantile` (0.99, linear interpolation) of their image scores. No
-  test label is used. Stored as `config.threshold`; the method is recorded in metrics.json.
+  test label is used (the paper reports threshold-free metrics only). 0.99 aims at ~1% false alarms
+  on normal images and, unlike the max, is not set by one odd image. Stored as `config.threshold`
+  (the pipeline's yes/no: score >= threshold); method and test precision/recall in metrics.json.
 - `--cache_features`: the frozen encoder's tapped features are computed once per training image
   (training/feature_cache.py). Exact, because CLIP is frozen and there is no augmentation.
+  `--cache_dtype float16` (default) halves the memory; float32 reproduces the uncached losses.
 - Sharding: each process trains on a fixed shard, reshuffled each epoch (training/sharding.py).
+  DDP runs with find_unused_parameters: the MoE may route no patch of a batch to some expert.
+- Two CPU processes: `accelerate launch --cpu --num_processes 2` silently runs ONE process; use
+  `accelerate launch --multi_gpu --num_processes 2 ... training/train.py --cpu` (gloo).
 - Checkpoints: `accelerator.save_state` into a temporary dir, metadata written last, atomic
   rename (training/checkpointing.py); `--resume` continues from the latest complete one, epoch
   counter and RNG states included, and gives the same weights as an uninterrupted run.
@@ -71,12 +77,18 @@ def _has_tensorboard() -> bool:
     return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults, keep the description's and epilog's line breaks."""
+
+
 def build_parser() -> argparse.ArgumentParser:
+    intro, _, rest = __doc__.partition("Defaults are the paper's")
+    defaults, _, choices = rest.partition("Design choices (also in --help):")
     parser = argparse.ArgumentParser(
         prog="training/train.py",
-        description=__doc__.split("\n\n")[0] + " Defaults are the paper's; see the module docstring for the design "
-        "choices. Launch with `accelerate launch` for several GPUs or machines.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=intro.strip() + "\n\nDefaults are the paper's" + defaults.split("What the output dir")[0].rstrip(),
+        epilog="design choices:" + choices.rstrip(),
+        formatter_class=_HelpFormatter,
     )
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", required=True,
