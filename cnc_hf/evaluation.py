@@ -164,6 +164,8 @@ def evaluate_model(model, processor, dataset_split, batch_size: int = 8, acceler
     wanted = _heatmap_paths(dataset_split, max_heatmaps) if heatmap_dir is not None else set()
     if wanted:
         Path(heatmap_dir).mkdir(parents=True, exist_ok=True)
+    main = accelerator is None or accelerator.is_main_process
+    all_scores, all_labels = [], []
 
     for batch, maps, scores in _score_batches(model, processor, dataset_split, batch_size, accelerator, num_workers,
                                               progress, desc="evaluate"):
@@ -176,16 +178,23 @@ def evaluate_model(model, processor, dataset_split, batch_size: int = 8, acceler
         masks = batch["masks"].to(device=device, dtype=torch.uint8)  # gloo gathers no bool
         cats = torch.tensor([ids[c] for c in batch["categories"]], device=device)
         scores, labels, maps, masks, cats = _gather(accelerator, (scores, labels, maps, masks, cats))
-        accumulator.update(scores, labels, maps.cpu(), masks.cpu().bool(), categories=cats)
+        if main:  # the gathered maps of a whole test set are large: one process keeps them
+            accumulator.update(scores, labels, maps.cpu(), masks.cpu().bool(), categories=cats)
+            all_scores.append(scores.cpu().double().numpy())
+            all_labels.append(labels.cpu().numpy())
 
-    # Every process holds the gathered set; computing on each keeps the return value the same everywhere.
-    results = accumulator.compute()
-    scores = np.concatenate(accumulator._scores)
-    labels = np.concatenate(accumulator._labels)
-    results["num_images"] = int(scores.size)
-    results["world_size"] = 1 if accelerator is None else int(accelerator.num_processes)
-    if threshold is not None:
-        results["threshold"] = {"value": float(threshold), **threshold_decisions(scores, labels, float(threshold))}
+    results = None
+    if main:
+        results = accumulator.compute()
+        scores, labels = np.concatenate(all_scores), np.concatenate(all_labels)
+        results["num_images"] = int(scores.size)
+        results["world_size"] = 1 if accelerator is None else int(accelerator.num_processes)
+        if threshold is not None:
+            results["threshold"] = {"value": float(threshold), **threshold_decisions(scores, labels, float(threshold))}
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        results = broadcast_object_list([results])[0]  # the same dict on every process
     return results
 
 

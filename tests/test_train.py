@@ -244,6 +244,52 @@ def test_incomplete_checkpoints_are_never_the_latest(tmp_path):
     assert [n for n, _ in list_checkpoints(tmp_path)] == [1, 2]
 
 
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """Kill the save between the state files and the metadata: the latest checkpoint is still the old,
+    complete one; the next save cleans up; loading restores the trainable weights (and only those
+    were written: no CLIP in checkpoints)."""
+    from accelerate import Accelerator
+
+    from conftest import tiny_cnc_config
+    from modeling import CNCModel
+    from training import checkpointing
+
+    def make():
+        torch.manual_seed(0)
+        model = CNCModel(tiny_cnc_config())
+        accelerator = Accelerator(cpu=True)
+        model, optimizer = accelerator.prepare(model, torch.optim.Adam([p for p in model.parameters() if p.requires_grad]))
+        checkpointing.register_trainable_only_hooks(accelerator)
+        return accelerator, model
+
+    accelerator, model = make()
+    first = checkpointing.save_checkpoint(accelerator, tmp_path, 1, {"args": {}})
+    assert sorted(p.name for p in first.iterdir()) == ["checkpoint.json", "cnc_trainable.safetensors", "optimizer.bin",
+                                                       "random_states_0.pkl"]
+    saved = {k: v.clone() for k, v in checkpointing.trainable_state_dict(model).items()}
+    with torch.no_grad():
+        model.decoder.blocks[0].qkv.weight.add_(1.0)
+
+    def crash(path, payload):
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(checkpointing, "_write_json_durably", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointing.save_checkpoint(accelerator, tmp_path, 2, {"args": {}})
+    assert (tmp_path / "checkpoints" / ".tmp-epoch_0002").is_dir()
+    assert latest_checkpoint(tmp_path) == first
+    monkeypatch.undo()
+
+    checkpointing.save_checkpoint(accelerator, tmp_path, 2, {"args": {}}, total_limit=1)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["epoch_0002"]
+    reset_accelerate()
+    accelerator, fresh = make()
+    meta = checkpointing.load_checkpoint(accelerator, tmp_path / "checkpoints" / "epoch_0002")
+    assert meta["epochs_done"] == 2
+    loaded = checkpointing.trainable_state_dict(fresh)
+    assert torch.equal(loaded["decoder.blocks.0.qkv.weight"], saved["decoder.blocks.0.qkv.weight"] + 1.0)
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("case", ["unknown_dataset", "empty_data_dir", "missing_data_dir", "clip_without_weights",
                                   "clip_missing", "bad_model_flags", "output_dir_taken", "resume_without_checkpoint", "bad_override",
