@@ -520,6 +520,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     push.add_argument("--create_pr", action="store_true", help="open a pull request instead of committing to main")
     push.add_argument("--card_template", default=None, help="mvtec, visa, generic or a template path")
     push.add_argument("--dry_run", action="store_true", help="validate and render the card; list files, upload nothing")
+    push.add_argument("--space", default=None, metavar="SPACE_ID",
+                      help="also create/update a Gradio Space (org/name) that loads REPO_ID (see cnc_hf.space)")
     card = commands.add_parser("card", help="(re)write README.md of a model dir from a template")
     card.add_argument("model_dir")
     card.add_argument("--dataset", default=None, help="mvtec, visa or anything else (generic card)")
@@ -537,14 +539,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = push_to_hub(args.model_dir, args.repo_id, private=args.private, token=args.token,
                              commit_message=args.commit_message, create_pr=args.create_pr,
                              card_template=args.card_template, dry_run=args.dry_run)
+        if args.dry_run:
+            print(f"dry run: would upload {len(result)} files to {args.repo_id}:")
+            print("\n".join(f"  {name}" for name in result))
+        else:
+            print(f"uploaded to {getattr(result, 'pr_url', None) or getattr(result, 'commit_url', result)}")
+        if args.space:
+            from cnc_hf.space import push_space
+
+            space = push_space(args.repo_id, args.space, token=args.token, private=args.private, dry_run=args.dry_run)
+            print(f"dry run: would upload {len(space)} files to Space {args.space}: {', '.join(space)}" if args.dry_run
+                  else f"Space: https://huggingface.co/spaces/{args.space}")
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    if args.dry_run:
-        print(f"dry run: would upload {len(result)} files to {args.repo_id}:")
-        print("\n".join(f"  {name}" for name in result))
-    else:
-        print(f"uploaded to {getattr(result, 'pr_url', None) or getattr(result, 'commit_url', result)}")
     return 0
 
 

@@ -293,6 +293,12 @@ def test_push_command(model_dir, monkeypatch, capsys):
     assert cli.main(["push", str(model_dir), "org/cnc-mvtec", "--private", "--token", "hf_x"]) == 0
     assert recorder.repos[0]["private"] is True and len(recorder.commits) == 1
     assert "fake-commit-info" in capsys.readouterr().out
+    # --space: the Space files too, listed on a dry run, nothing sent
+    commits = len(recorder.commits)
+    assert hub.main(["push", str(model_dir), "org/cnc-mvtec", "--dry_run", "--space", "org/cnc-demo"]) == 0
+    out = capsys.readouterr().out
+    assert "Space org/cnc-demo" in out and "app.py" in out and "requirements.txt" in out
+    assert len(recorder.commits) == commits
     (model_dir / "pytorch_model.bin").write_bytes(b"x")
     assert hub.main(["push", str(model_dir), "org/cnc-mvtec"]) == 1
     assert "pickle-format" in capsys.readouterr().err
