@@ -63,7 +63,7 @@ def make_synthetic_test_set(n_images: int = 1725, size: int = 224, seed: int = 0
             r = max(rx, ry)
             y0, y1 = max(0, int(cy - r)), min(size, int(cy + r) + 1)
             x0, x1 = max(0, int(cx - r)), min(size, int(cx + r) + 1)
-            dy, dx = np.ogrid[y0 - cy : y1 - cy, x0 - cx : x1 - cx]
+            dy, dx = (np.arange(y0, y1) - cy)[:, None], (np.arange(x0, x1) - cx)[None, :]
             u = (dx * np.cos(theta) + dy * np.sin(theta)) / rx
             v = (-dx * np.sin(theta) + dy * np.cos(theta)) / ry
             region = u * u + v * v <= 1
