@@ -1,0 +1,280 @@
+"""Speed and memory of CNC, each figure measured side by side with its floor in one run.
+
+    python -m training.benchmark                           # ViT-B/16 at 224 on the CPU
+    python -m training.benchmark --shape vit-l-14 --device cuda --dtype bfloat16
+    python -m training.benchmark --output bench.json --skip metrics
+
+Random CLIP weights of real shapes (speed does not depend on the values):
+1. inference images/s of CNCModel vs the CLIP vision tower alone (`get_image_features`, the
+   floor), batch 1 and 8; text features cached, encoder stopped at the deepest tap;
+2. pipeline images/s end to end (PNG decode, preprocess, model, upsample, heat map) next to
+   the model alone on the same batches;
+3. training images/s with and without the frozen-feature cache (`--cache_features`), and the
+   whole-run estimate for the paper's MVTec AD setup (3629 images x 250 epochs);
+4. peak memory of each (CUDA: max allocated; CPU: peak RSS growth, sampled every 2 ms);
+5. the metrics suite on MVTec-AD-sized data vs scikit-learn (training/bench_metrics.py).
+
+Prints a markdown table and writes JSON (`--output`). Times are medians of `--repeats` runs
+after one warm-up; on a shared machine read the ratios, which are measured back to back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MVTEC_TRAIN_IMAGES, MVTEC_EPOCHS = 3629, 250
+
+SHAPES = {
+    # name: (vision width, layers, heads, mlp, patch, native size, text width, text layers, projection)
+    "tiny": (64, 4, 4, 128, 8, 64, 64, 2, 32),
+    "vit-b-16": (768, 12, 12, 3072, 16, 224, 512, 12, 512),
+    "vit-l-14": (1024, 24, 16, 4096, 14, 336, 768, 12, 768),
+}
+
+
+def clip_config(shape: str):
+    from transformers import CLIPConfig
+
+    width, layers, heads, mlp, patch, native, t_width, t_layers, proj = SHAPES[shape]
+    return CLIPConfig(
+        text_config=dict(hidden_size=t_width, intermediate_size=4 * t_width, num_hidden_layers=t_layers,
+                         num_attention_heads=max(1, t_width // 64), bos_token_id=49406, eos_token_id=49407),
+        vision_config=dict(hidden_size=width, intermediate_size=mlp, num_hidden_layers=layers,
+                           num_attention_heads=heads, patch_size=patch, image_size=native),
+        projection_dim=proj,
+    )
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA max allocated, or the CPU process's peak RSS growth (sampled)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_mb = device, 0.0
+
+    @contextmanager
+    def measure(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            yield self
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
+            return
+        import psutil
+
+        process = psutil.Process()
+        base = process.memory_info().rss
+        peak = [base]
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], process.memory_info().rss)
+                time.sleep(0.002)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            done.set()
+            thread.join()
+            self.peak_mb = max(0, peak[0] - base) / 2**20
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
+    """Median seconds of `fn()` over `repeats` runs after one warm-up."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()
+    sync()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def bench_inference(model, args, device, autocast) -> list[dict]:
+    rows = []
+    size = args.image_size
+    for batch in (1, 8):
+        x = torch.randn(batch, 3, size, size, device=device)
+        interpolate = size != model.config.clip_config.vision_config.image_size
+        with torch.inference_mode(), autocast():
+            floor_mem, cnc_mem = PeakMemory(device), PeakMemory(device)
+            with floor_mem.measure():
+                floor = timed(lambda: model.clip.get_image_features(pixel_values=x, interpolate_pos_encoding=interpolate),
+                              args.repeats, device)
+            with cnc_mem.measure():
+                cnc = timed(lambda: model(pixel_values=x), args.repeats, device)
+        rows.append({"batch": batch, "vision_tower_img_s": batch / floor, "cnc_img_s": batch / cnc,
+                     "ratio": cnc / floor, "vision_tower_peak_mb": floor_mem.peak_mb, "cnc_peak_mb": cnc_mem.peak_mb})
+    return rows
+
+
+def bench_pipeline(model, args, device) -> dict:
+    from PIL import Image
+    from transformers import pipeline
+
+    import cnc_hf  # noqa: F401  (registers the task)
+    from modeling.image_processing_cnc import CNCImageProcessor
+
+    rng = np.random.default_rng(0)
+    processor = CNCImageProcessor(size=args.image_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i in range(args.pipeline_images):  # camera-like size, not the model's
+            path = Path(tmp) / f"img{i}.png"
+            Image.fromarray(rng.integers(0, 255, (512, 512, 3), dtype=np.uint8)).save(path)
+            paths.append(str(path))
+        pipe = pipeline("image-anomaly-detection", model=model, image_processor=processor, device=device)
+        memory = PeakMemory(device)
+        with memory.measure():
+            seconds = timed(lambda: pipe(paths, batch_size=8, threshold=1.0), args.repeats, device)
+        x = processor([Image.open(p) for p in paths[:8]], return_tensors="pt")["pixel_values"].to(device)
+        with torch.inference_mode():
+            model_only = timed(lambda: model(pixel_values=x), args.repeats, device) * len(paths) / x.shape[0]
+    return {"images": len(paths), "pipeline_img_s": len(paths) / seconds, "model_img_s": len(paths) / model_only,
+            "ratio": seconds / model_only, "pipeline_peak_mb": memory.peak_mb}
+
+
+def bench_training(model, args, device, autocast) -> dict:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    batch = args.train_batch
+    x = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
+    model.train()
+    with torch.no_grad():
+        tapped = model.encode_image(x)
+
+    def step(**inputs):
+        with autocast():
+            loss = model(**inputs, epoch=6).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    uncached_mem, cached_mem = PeakMemory(device), PeakMemory(device)
+    with uncached_mem.measure():
+        uncached = timed(lambda: step(pixel_values=x), args.repeats, device)
+    with cached_mem.measure():
+        cached = timed(lambda: step(tapped_features=tapped), args.repeats, device)
+    with torch.no_grad(), autocast():
+        encode = timed(lambda: model.encode_image(x), args.repeats, device)
+    model.eval()
+    images = MVTEC_TRAIN_IMAGES * MVTEC_EPOCHS
+    return {
+        "batch": batch, "uncached_img_s": batch / uncached, "cached_img_s": batch / cached,
+        "speedup": uncached / cached, "encode_img_s": batch / encode,
+        "uncached_peak_mb": uncached_mem.peak_mb, "cached_peak_mb": cached_mem.peak_mb,
+        "cache_mb_per_image": tapped[0].numel() * 2 / 2**20,  # float16 storage, the default
+        "mvtec_run_hours_uncached": images / (batch / uncached) / 3600,
+        "mvtec_run_hours_cached": (images / (batch / cached) + MVTEC_TRAIN_IMAGES / (batch / encode)) / 3600,
+    }
+
+
+def format_report(result: dict) -> str:
+    env = result["environment"]
+    lines = [f"CNC benchmark: {env['shape']} at {env['image_size']}px, {env['device']}, {env['dtype']}, "
+             f"attention {env['attn_implementation']}, torch {env['torch']}, {env['threads']} threads", ""]
+    lines += ["| measurement | CNC | floor | ratio | peak MB (CNC / floor) |", "|---|---|---|---|---|"]
+    for row in result.get("inference", []):
+        lines.append(f"| inference, batch {row['batch']} (img/s) | {row['cnc_img_s']:.2f} | {row['vision_tower_img_s']:.2f}"
+                     f" (vision tower) | {row['ratio']:.2f}x time | {row['cnc_peak_mb']:.0f} / {row['vision_tower_peak_mb']:.0f} |")
+    if "pipeline" in result:
+        p = result["pipeline"]
+        lines.append(f"| pipeline end to end, {p['images']} PNGs 512px (img/s) | {p['pipeline_img_s']:.2f} | "
+                     f"{p['model_img_s']:.2f} (model alone) | {p['ratio']:.2f}x time | {p['pipeline_peak_mb']:.0f} / - |")
+    if "training" in result:
+        t = result["training"]
+        lines.append(f"| training, batch {t['batch']} (img/s) | {t['cached_img_s']:.2f} cached | "
+                     f"{t['uncached_img_s']:.2f} uncached | {t['speedup']:.2f}x faster | "
+                     f"{t['cached_peak_mb']:.0f} / {t['uncached_peak_mb']:.0f} |")
+        lines.append(f"| paper's MVTec run, {MVTEC_TRAIN_IMAGES} x {MVTEC_EPOCHS} (hours) | "
+                     f"{t['mvtec_run_hours_cached']:.1f} cached | {t['mvtec_run_hours_uncached']:.1f} uncached | | "
+                     f"cache {t['cache_mb_per_image']:.2f} MB/image (fp16) |")
+    if "metrics" in result:
+        m = result["metrics"]
+        ours = m["seconds"]["cnc_hf_full_suite"]
+        ref = m["seconds"].get("sklearn_pixel_auroc", 0) + m["seconds"].get("sklearn_pixel_ap", 0)
+        lines.append(f"| metrics: 7 metrics pooled + per category, {m['n_images']} maps {m['size']}px (s) | {ours:.2f} | "
+                     f"{ref:.2f} (sklearn: pixel AUROC + AP only) | {ref / ours:.1f}x faster | |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.benchmark", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="vit-b-16", help="CLIP shape (default: %(default)s)")
+    parser.add_argument("--image_size", type=int, default=224, help="input size (the paper: 224)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="bfloat16 = autocast (weights stay float32)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure after a warm-up")
+    parser.add_argument("--train_batch", type=int, default=8, help="training batch (the paper: 8)")
+    parser.add_argument("--pipeline_images", type=int, default=16)
+    parser.add_argument("--metrics_images", type=int, default=1725, help="maps for the metrics benchmark (MVTec AD: 1725)")
+    parser.add_argument("--metrics_size", type=int, default=224, help="map size for the metrics benchmark")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["inference", "pipeline", "training", "metrics"])
+    parser.add_argument("--output", default=None, help="write the JSON here")
+    return parser
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    from modeling import CNCConfig, CNCModel
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    config = CNCConfig(clip_config=clip_config(args.shape), image_size=args.image_size)
+    model = CNCModel(config).to(device).eval()
+
+    def autocast():
+        if args.dtype == "bfloat16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    result = {"environment": {
+        "shape": args.shape, "image_size": args.image_size, "device": str(device), "dtype": args.dtype,
+        "attn_implementation": model.clip.config._attn_implementation, "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "feature_layers": config.feature_layers, "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }}
+    if "inference" not in args.skip:
+        result["inference"] = bench_inference(model, args, device, autocast)
+    if "pipeline" not in args.skip:
+        result["pipeline"] = bench_pipeline(model, args, device)
+    if "training" not in args.skip:
+        result["training"] = bench_training(model, args, device, autocast)
+    if "metrics" not in args.skip:
+        from training.bench_metrics import run_metrics_benchmark
+
+        result["metrics"] = run_metrics_benchmark(n_images=args.metrics_images, size=args.metrics_size)
+    report = format_report(result)
+    print(report)
+    if args.output:
+        Path(args.output).write_text(json.dumps({**result, "markdown": report}, indent=2, default=str))
+    return result
+
+
+if __name__ == "__main__":
+    main()
