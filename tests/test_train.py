@@ -185,6 +185,9 @@ def test_resume_gives_the_same_weights_as_one_run(tmp_path, tiny_data, tiny_clip
     for a_record, b_record in zip(log_records(straight), log_records(resumed), strict=True):
         assert all(a_record[k] == b_record[k] for k in train.LOSS_NAMES)
     assert [r["c2_active"] for r in log_records(resumed)] == [False, True]
+    reset_accelerate()
+    with pytest.raises(train.TrainingSetupError, match=r"other values of --lr \(was 0.001, now 0.01\)"):
+        train.main(argv(tiny_data, tiny_clip_dir, resumed, *common, "--epochs", "3", "--resume", "--lr", "0.01"))
 
 
 def test_feature_cache_gives_the_same_losses_and_weights(tmp_path, tiny_data, tiny_clip_dir):

@@ -520,6 +520,13 @@ def main(argv=None) -> dict:
             save_checkpoint(accelerator, output_dir, epoch + 1, {"args": _jsonable(vars(args)), "world_size": world},
                             args.save_total_limit)
 
+    if epoch_seconds:
+        line = f"mean epoch time {np.mean(epoch_seconds):.2f}s over {len(epoch_seconds)} epoch(s)"
+        if cache is not None:  # an uncached epoch also runs the encoder on every image: about the build time
+            line += (f" with cached features; building the cache took {cache.build_seconds:.2f}s, about what the "
+                     "frozen encoder adds to every uncached epoch")
+        accelerator.print(line)
+
     # Threshold from held-out normal training images (never the test labels), then save the model.
     threshold_details = None
     if calibration_split is not None:
