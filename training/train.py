@@ -436,8 +436,12 @@ def main(argv=None) -> dict:
     world = accelerator.num_processes
     start_epoch = 0
     if args.resume:
-        start_epoch = load_checkpoint(accelerator, args.resume)["epochs_done"]
+        meta = load_checkpoint(accelerator, args.resume)
+        start_epoch = meta["epochs_done"]
         accelerator.print(f"resumed from {args.resume} after {start_epoch} epochs")
+        if meta.get("world_size", world) != world:
+            accelerator.print(f"note: the checkpoint was written by {meta['world_size']} process(es), this run has "
+                              f"{world}: the data shards differ, so the run will not repeat the original exactly")
     if args.report_to != "none":
         accelerator.init_trackers("runs", config={k: str(v) for k, v in vars(args).items()})
 
@@ -449,9 +453,10 @@ def main(argv=None) -> dict:
     pin = accelerator.device.type == "cuda"
     cache = None
     if args.cache_features and start_epoch < args.epochs:
+        paths = train_split["path"]  # the column alone: no image is decoded
         fingerprint = {"clip_model": str(Path(args.clip_model).resolve()) if Path(args.clip_model).exists()
                        else args.clip_model, "config": unwrapped.config.to_diff_dict(), "processor": processor.to_dict(),
-                       "paths": [train_split["path"][i] for i in shard]}  # the column: no image decoding
+                       "paths": [paths[i] for i in shard]}
         fingerprint["config"].pop("threshold", None)
         loader = DataLoader(local, batch_size=args.eval_batch_size, shuffle=False, num_workers=args.num_workers,
                             collate_fn=collate, pin_memory=pin, generator=torch.Generator())  # see the epoch loader
