@@ -377,6 +377,26 @@ def epoch_log_line(record: dict) -> str:
             f"  ({record['seconds']:.2f}s{', cached features' if record['cached'] else ''})")
 
 
+def train_one_epoch(model, optimizer, accelerator, steps, epoch: int) -> dict:
+    """One pass over `steps` (dicts of model inputs); returns each loss part's mean per image over all
+    processes (None for parts the model does not have, e.g. L_c1/L_c2 without CNC)."""
+    sums = torch.zeros(len(LOSS_NAMES) + 1, device=accelerator.device)  # sum of loss part x images, images
+    present = set()
+    for inputs in steps:
+        with accelerator.autocast():
+            output = model(**inputs, epoch=epoch)  # epoch index from 0: L_c2 joins at theta (Eq. 11)
+        accelerator.backward(output.loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        n = next(iter(inputs.values())).shape[0]
+        parts = [getattr(output, name) for name in LOSS_NAMES]
+        present |= {name for name, part in zip(LOSS_NAMES, parts) if part is not None}
+        sums += torch.stack([(p.detach().float() if p is not None else sums.new_zeros(())) * n for p in parts]
+                            + [sums.new_tensor(float(n))])
+    totals = accelerator.reduce(sums, reduction="sum").tolist()
+    return {name: totals[i] / totals[-1] if name in present else None for i, name in enumerate(LOSS_NAMES)}
+
+
 # ----------------------------------------------------------------------------- the run
 def main(argv=None) -> dict:
     """Train, calibrate, save and evaluate; returns a summary (metrics, times, world size)."""
@@ -493,27 +513,14 @@ def main(argv=None) -> dict:
         else:
             steps = ({"pixel_values": batch["pixel_values"].to(accelerator.device, non_blocking=True)}
                      for batch in train_loader)
-        sums = torch.zeros(len(LOSS_NAMES) + 1, device=accelerator.device)  # loss parts * images, images
+        steps = tqdm(steps, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not show,
+                     leave=False)
         start = time.perf_counter()
-        for inputs in tqdm(steps, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not show,
-                           leave=False):
-            with accelerator.autocast():
-                output = model(**inputs, epoch=epoch)
-            accelerator.backward(output.loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            n = next(iter(inputs.values())).shape[0]
-            parts = [getattr(output, name) for name in LOSS_NAMES]
-            sums += torch.stack([(p.detach().float() if p is not None else sums.new_zeros(())) * n for p in parts]
-                                + [sums.new_tensor(float(n))])
-        totals = accelerator.reduce(sums, reduction="sum")
+        losses = train_one_epoch(model, optimizer, accelerator, steps, epoch)
         seconds = time.perf_counter() - start
         epoch_seconds.append(seconds)
         record = {"epoch": epoch + 1, "epochs": args.epochs, "world_size": world, "cached": cache is not None,
-                  "seconds": seconds, "c2_active": epoch >= unwrapped.config.theta}
-        for i, name in enumerate(LOSS_NAMES):
-            has_part = name not in ("loss_c1", "loss_c2") or unwrapped.prompt_learner is not None
-            record[name] = float(totals[i] / totals[-1]) if has_part else None
+                  "seconds": seconds, "c2_active": epoch >= unwrapped.config.theta, **losses}
         accelerator.print(epoch_log_line(record))
         if main_process:
             with open(log_path, "a") as handle:
