@@ -8,6 +8,7 @@ subcommand is that module's help:
     cnc-hf evaluate --model DIR ...  = python -m cnc_hf.evaluation ...
     cnc-hf predict IMG... --model DIR [--output_dir DIR]
     cnc-hf push MODEL_DIR REPO_ID    = python -m cnc_hf.hub push ...
+    cnc-hf convert --format mvtec --root DIR --output_dir DIR   = python -m cnc_hf.data.convert ...
     cnc-hf app --model DIR_OR_ID     a Gradio app (pip install cnc-hf[app])
 """
 
@@ -24,6 +25,7 @@ COMMANDS = {
     "evaluate": ("cnc_hf.evaluation", "evaluate a model dir on a data set: per-category table (markdown + JSON)"),
     "predict": ("cnc_hf.predict", "score images with a model and write heat-map overlays"),
     "push": ("cnc_hf.hub", "upload a finished model dir (weights, code, card) to the Hugging Face Hub"),
+    "convert": ("cnc_hf.data.convert", "turn a local MVTec AD / VisA folder into parquet shards (and push them)"),
     "app": ("cnc_hf.app", "start a Gradio app to try a model in the browser"),
 }
 

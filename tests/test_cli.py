@@ -1,0 +1,59 @@
+"""The `cnc-hf` command line: usage, every subcommand's --help, and the demo end to end (small)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cnc_hf import cli
+
+
+def test_usage_lists_every_command(capsys):
+    assert cli.main([]) == 0
+    out = capsys.readouterr().out
+    for name in cli.COMMANDS:
+        assert f"  {name}" in out
+
+
+def test_unknown_command_is_refused(capsys):
+    assert cli.main(["trian"]) == 2
+    assert "unknown command 'trian'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [c for c in cli.COMMANDS if c not in ("train", "app")])
+def test_subcommand_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_train_forwards_to_the_training_script():
+    result = subprocess.run([sys.executable, "-m", "cnc_hf.cli", "train", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--cache_features" in result.stdout
+
+
+def test_demo_end_to_end_small(tmp_path):
+    """The main job, shrunk: data, random CLIP, training, evaluation, saved model, pipeline gallery."""
+    out = tmp_path / "demo"
+    result = subprocess.run(
+        [sys.executable, "-m", "cnc_hf.cli", "demo", "--output_dir", str(out), "--epochs", "1", "--image_size", "64",
+         "--gallery_images", "4"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "RANDOMLY INITIALISED" in result.stdout
+    model_dir = out / "model"
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "modeling_cnc.py", "pipeline_cnc.py",
+                 "README.md", "metrics.json"):
+        assert (model_dir / name).is_file(), name
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert set(metrics["per_category"]) == {"brick", "grass", "gravel"}
+    assert 0.0 <= metrics["mean"]["image_auroc"] <= 1.0
+    config = json.loads((model_dir / "config.json").read_text())
+    assert isinstance(config["threshold"], float)
+    records = json.loads((out / "predictions.json").read_text())
+    assert len(records) == 4 and {r["label"] for r in records} == {0, 1}
+    assert all(r["is_anomaly"] == (r["score"] >= config["threshold"]) for r in records)
+    assert (out / "gallery.png").stat().st_size > 0 and (out / "metrics.md").read_text().startswith("| Category")
