@@ -14,8 +14,9 @@ Random CLIP weights of real shapes (speed does not depend on the values):
 4. peak memory of each (CUDA: max allocated; CPU: peak RSS growth, sampled every 2 ms);
 5. the metrics suite on MVTec-AD-sized data vs scikit-learn (training/bench_metrics.py).
 
-Prints a markdown table and writes JSON (`--output`). Times are medians of `--repeats` runs
-after one warm-up; on a shared machine read the ratios, which are measured back to back.
+Prints a markdown table and writes JSON (`--output`). Each figure and its floor run alternately
+(`--repeats` rounds after a warm-up); the table gives medians, and each ratio is the median of
+the per-round ratios, so machine load hits both sides alike. Peak memory is taken in one extra run.
 """
 
 from __future__ import annotations
@@ -95,21 +96,29 @@ class PeakMemory:
             self.peak_mb = max(0, peak[0] - base) / 2**20
 
 
-def timed(fn, repeats: int, device: torch.device) -> float:
-    """Median seconds of `fn()` over `repeats` runs after one warm-up."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
+
+def _once(fn, device: torch.device) -> float:
+    start = time.perf_counter()
     fn()
-    sync()
-    seconds = []
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def timed_pair(fn_a, fn_b, repeats: int, device: torch.device) -> tuple[float, float, float]:
+    """Median seconds of `fn_a` and `fn_b`, run alternately (a, b, a, b, ...) after one warm-up
+    each, and the median of the per-round ratios b/a: both sides see the same machine load, which
+    on a shared CPU moves far more than the difference being measured."""
+    fn_a(), fn_b()
+    _sync(device)
+    a, b = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+        a.append(_once(fn_a, device))
+        b.append(_once(fn_b, device))
+    return statistics.median(a), statistics.median(b), statistics.median(y / x for x, y in zip(a, b))
 
 
 def bench_inference(model, args, device, autocast) -> list[dict]:
@@ -118,15 +127,17 @@ def bench_inference(model, args, device, autocast) -> list[dict]:
     for batch in (1, 8):
         x = torch.randn(batch, 3, size, size, device=device)
         interpolate = size != model.config.clip_config.vision_config.image_size
+        floor_fn = lambda: model.clip.get_image_features(pixel_values=x, interpolate_pos_encoding=interpolate)  # noqa: E731
+        cnc_fn = lambda: model(pixel_values=x)  # noqa: E731
         with torch.inference_mode(), autocast():
+            floor, cnc, ratio = timed_pair(floor_fn, cnc_fn, args.repeats, device)
             floor_mem, cnc_mem = PeakMemory(device), PeakMemory(device)
             with floor_mem.measure():
-                floor = timed(lambda: model.clip.get_image_features(pixel_values=x, interpolate_pos_encoding=interpolate),
-                              args.repeats, device)
+                floor_fn()
             with cnc_mem.measure():
-                cnc = timed(lambda: model(pixel_values=x), args.repeats, device)
+                cnc_fn()
         rows.append({"batch": batch, "vision_tower_img_s": batch / floor, "cnc_img_s": batch / cnc,
-                     "ratio": cnc / floor, "vision_tower_peak_mb": floor_mem.peak_mb, "cnc_peak_mb": cnc_mem.peak_mb})
+                     "ratio": ratio, "vision_tower_peak_mb": floor_mem.peak_mb, "cnc_peak_mb": cnc_mem.peak_mb})
     return rows
 
 
@@ -146,14 +157,20 @@ def bench_pipeline(model, args, device) -> dict:
             Image.fromarray(rng.integers(0, 255, (512, 512, 3), dtype=np.uint8)).save(path)
             paths.append(str(path))
         pipe = pipeline("image-anomaly-detection", model=model, image_processor=processor, device=device)
+        x = processor([Image.open(p) for p in paths], return_tensors="pt")["pixel_values"].to(device)
+
+        def model_only():
+            with torch.inference_mode():
+                for start in range(0, len(paths), 8):
+                    model(pixel_values=x[start: start + 8])
+
+        model_only_s, seconds, ratio = timed_pair(model_only, lambda: pipe(paths, batch_size=8, threshold=1.0),
+                                                  args.repeats, device)
         memory = PeakMemory(device)
         with memory.measure():
-            seconds = timed(lambda: pipe(paths, batch_size=8, threshold=1.0), args.repeats, device)
-        x = processor([Image.open(p) for p in paths[:8]], return_tensors="pt")["pixel_values"].to(device)
-        with torch.inference_mode():
-            model_only = timed(lambda: model(pixel_values=x), args.repeats, device) * len(paths) / x.shape[0]
-    return {"images": len(paths), "pipeline_img_s": len(paths) / seconds, "model_img_s": len(paths) / model_only,
-            "ratio": seconds / model_only, "pipeline_peak_mb": memory.peak_mb}
+            pipe(paths, batch_size=8, threshold=1.0)
+    return {"images": len(paths), "pipeline_img_s": len(paths) / seconds, "model_img_s": len(paths) / model_only_s,
+            "ratio": ratio, "pipeline_peak_mb": memory.peak_mb}
 
 
 def bench_training(model, args, device, autocast) -> dict:
@@ -172,18 +189,20 @@ def bench_training(model, args, device, autocast) -> dict:
         loss.backward()
         optimizer.step()
 
+    uncached, cached, ratio = timed_pair(lambda: step(pixel_values=x), lambda: step(tapped_features=tapped),
+                                         args.repeats, device)
     uncached_mem, cached_mem = PeakMemory(device), PeakMemory(device)
     with uncached_mem.measure():
-        uncached = timed(lambda: step(pixel_values=x), args.repeats, device)
+        step(pixel_values=x)
     with cached_mem.measure():
-        cached = timed(lambda: step(tapped_features=tapped), args.repeats, device)
+        step(tapped_features=tapped)
     with torch.no_grad(), autocast():
-        encode = timed(lambda: model.encode_image(x), args.repeats, device)
+        encode = statistics.median(_once(lambda: model.encode_image(x), device) for _ in range(args.repeats))
     model.eval()
     images = MVTEC_TRAIN_IMAGES * MVTEC_EPOCHS
     return {
         "batch": batch, "uncached_img_s": batch / uncached, "cached_img_s": batch / cached,
-        "speedup": uncached / cached, "encode_img_s": batch / encode,
+        "speedup": 1.0 / ratio, "encode_img_s": batch / encode,
         "uncached_peak_mb": uncached_mem.peak_mb, "cached_peak_mb": cached_mem.peak_mb,
         "cache_mb_per_image": tapped[0].numel() * 2 / 2**20,  # float16 storage, the default
         "mvtec_run_hours_uncached": images / (batch / uncached) / 3600,
