@@ -116,12 +116,42 @@ class CNCModel(CNCPreTrainedModel):
         return self
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        # transformers 5 loads every tensor with requires_grad=True: re-freeze CLIP here.
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load a saved CNC model (a dir or Hub id): safetensors only, config checked against the weights.
+
+        - Weights are read from `model.safetensors` (or its shards) only. cnc-hf never writes pickle
+          files, and unpickling one can run code, so a dir holding only `pytorch_model.bin` is refused
+          (ValueError naming the file); `use_safetensors=False` / `weights_only=False` are refused too.
+        - A tensor whose shape in the file differs from what config.json builds, a CNC tensor the
+          config has no place for, or one the config needs but the file lacks, raises a ValueError
+          naming the tensor (transformers would re-initialise it at random and only log it), unless
+          `ignore_mismatched_sizes=True` is passed. A plain CLIP checkpoint with a CNC `config=`
+          still loads: the CNC parts are then new and initialised.
+        - CLIP is frozen again after loading (transformers 5 re-enables gradients on load).
+        """
+        if kwargs.get("use_safetensors") is False or kwargs.get("weights_only") is False:
+            raise ValueError(
+                "CNCModel.from_pretrained reads safetensors weights only: use_safetensors=False / weights_only=False "
+                "(pickle loading, which can run code) is not supported"
+            )
+        kwargs["use_safetensors"] = True
+        return_info = kwargs.pop("output_loading_info", False)
+        check_sizes = not kwargs.pop("ignore_mismatched_sizes", False)
+        try:
+            # ignore_mismatched_sizes=True makes transformers report the tensors instead of raising an error
+            # without their names; the check below raises with them.
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            )
+        except Exception as err:
+            clear = _weights_error(pretrained_model_name_or_path, err)
+            if clear is err:
+                raise
+            raise clear from err
+        if check_sizes:
+            _check_weights_match_config(model, info, pretrained_model_name_or_path)
         model.freeze_clip()
-        return loaded
+        return (model, info) if return_info else model
 
     @classmethod
     def from_clip_pretrained(cls, pretrained_model_name_or_path, **overrides) -> "CNCModel":
@@ -130,6 +160,11 @@ class CNCModel(CNCPreTrainedModel):
         CLIP's weights load unchanged and frozen; the CNC parts (prompts, Phi, MoE, decoder) are
         initialised. `overrides` are CNCConfig fields, plus the Hub arguments `cache_dir`,
         `revision`, `token`, `local_files_only`, and `dtype` (default float32).
+
+        Weights: `model.safetensors` when the checkpoint has it (transformers' first choice); many
+        CLIP checkpoints also (or only) ship `pytorch_model.bin`, which is read with
+        `torch.load(weights_only=True)` only: plain tensors load, a file holding any other object
+        is refused with a ValueError naming it, and nothing in it is executed.
         """
         dtype = overrides.pop("dtype", torch.float32)
         hub_kwargs = {k: overrides[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in overrides}
@@ -138,8 +173,14 @@ class CNCModel(CNCPreTrainedModel):
         logging.set_verbosity_error()  # the CNC parts are "newly initialised" by design
         try:
             model, info = super().from_pretrained(
-                pretrained_model_name_or_path, config=config, dtype=dtype, output_loading_info=True, **hub_kwargs
+                pretrained_model_name_or_path, config=config, dtype=dtype, output_loading_info=True,
+                weights_only=True, **hub_kwargs
             )
+        except Exception as err:
+            clear = _weights_error(pretrained_model_name_or_path, err)
+            if clear is err:
+                raise
+            raise clear from err
         finally:
             logging.set_verbosity(verbosity)
         missing_clip = [k for k in info["missing_keys"] if k.startswith("clip.")]
@@ -284,6 +325,54 @@ class CNCModel(CNCPreTrainedModel):
             maps = gaussian_blur(maps, self.config.map_smoothing_sigma)
             output = CNCOutput(anomaly_map=maps, image_score=image_score(maps, self.config.image_score_reduction))
         return output if return_dict else output.to_tuple()
+
+
+# ---------------------------------------------------------------------- loading checks (used by the loaders above)
+def _weights_error(source, err: Exception) -> Exception:
+    """A clear ValueError for weights that were not loaded (a refused pickle, a corrupt safetensors file, a dir
+    with pickle files only); `err` itself for any other error."""
+    import os
+    import pickle
+
+    if isinstance(err, pickle.UnpicklingError):
+        # torch's message is long; keep its line that says what was found (e.g. "unsupported GLOBAL posix.system").
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in lines if "unsupported" in line.lower() or "weightsunpickler" in line.lower()),
+                      lines[0] if lines else type(err).__name__).split(" Please use")[0]  # not its allow-listing advice
+        return ValueError(
+            f"{source}: refused the pickle weights file (pytorch_model.bin): torch.load(weights_only=True), which "
+            f"loads plain tensors only and runs nothing, rejected it ({reason}). Use a checkpoint with model.safetensors."
+        )
+    if type(err).__name__ == "SafetensorError":
+        return ValueError(f"{source}: the safetensors weights file is corrupt or truncated ({err}); copy it again")
+    if isinstance(err, OSError) and isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        files = os.listdir(source)
+        pickles = sorted(f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")))
+        if pickles and not any(f.endswith((".safetensors", ".safetensors.index.json")) for f in files):
+            return ValueError(
+                f"{source}: no model.safetensors, only pickle file(s) {pickles}. CNC models load from safetensors "
+                "only (unpickling can run code, and cnc-hf never writes pickles); convert the file where you trust it."
+            )
+    return err
+
+
+def _check_weights_match_config(model, info: dict, source) -> None:
+    """Raise a ValueError naming every tensor where config.json and the weights file disagree."""
+    problems = [f"{key}: shape {list(saved)} in the weights, {list(built)} from config.json"
+                for key, saved, built in info.get("mismatched_keys", [])]
+    problems += [f"{key}: in the weights but config.json builds no such tensor"
+                 for key in sorted(info.get("unexpected_keys", [])) if not key.startswith("clip.")]
+    missing = set(info.get("missing_keys", []))
+    cnc_keys = [k for k in model.state_dict() if not k.startswith("clip.")]
+    is_cnc_checkpoint = any(k not in missing for k in cnc_keys)  # else a plain CLIP checkpoint: CNC parts are new
+    problems += [f"{key}: config.json needs it but the weights lack it" for key in sorted(missing)
+                 if key.startswith("clip.") or is_cnc_checkpoint]
+    if problems:
+        listed = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)" if len(problems) > 8 else "")
+        raise ValueError(
+            f"{source}: config.json does not match the weights: {listed}. Was config.json edited (num_experts, "
+            "prompt_length, use_moe, ...) or copied from another model?"
+        )
 
 
 CNCModel.register_for_auto_class("AutoModel")
