@@ -13,6 +13,12 @@ A crash at any point leaves either the old latest checkpoint or the new complete
 worst a `.tmp-*` directory that the next save removes. `latest_checkpoint` only returns
 directories whose `checkpoint.json` parses and says complete.
 
+What a kill cannot cause but a disk or a copy can (a truncated or garbled file in a checkpoint that
+says complete) is caught on resume: `checkpoint.json` records every file's size (the files are
+fsynced before it is written), and `resumable_checkpoint` reads every file the way `load_state`
+will (`verify_checkpoint`); a checkpoint that fails is skipped WITH A WARNING naming it and the
+bad file, and the previous complete one is used.
+
 Only the trainable parameters go into checkpoints: CLIP is frozen and reloaded from
 `--clip_model` (for ViT-L/14 that saves 1.7 GB per checkpoint). This is done with Accelerate's
 save/load pre-hooks for single-device and DDP runs; FSDP/DeepSpeed keep their own formats.
@@ -25,12 +31,18 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 CHECKPOINTS = "checkpoints"
 META_NAME = "checkpoint.json"
 TRAINABLE_NAME = "cnc_trainable.safetensors"
 _NAME = re.compile(r"^epoch_(\d+)$")
+_STALE = re.compile(r"^\.(tmp|old)-epoch_\d+$")  # left by a crash in save_checkpoint
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint that says complete but whose files do not load; the message names the file."""
 
 
 def trainable_state_dict(model) -> dict:
@@ -94,11 +106,82 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return checkpoints[-1][1] if checkpoints else None
 
 
+def verify_checkpoint(path: str | os.PathLike) -> dict:
+    """Read every file of a checkpoint as resuming will, without touching a model; return its metadata.
+
+    Raises CorruptCheckpointError naming the checkpoint and the file: no valid checkpoint.json, a
+    file missing or of another size than when it was saved, a safetensors file that does not parse,
+    or a `.bin`/`.pkl` file that `torch.load(weights_only=True)` rejects (Accelerate's own loader,
+    the one `load_state` uses, so nothing in the file is executed).
+    """
+    from accelerate.utils import load as accelerate_load
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = _read_meta(path)
+    if meta is None:
+        raise CorruptCheckpointError(f"{path}: no valid {META_NAME} (an interrupted save?)")
+    for name, size in (meta.get("files") or {}).items():
+        file = path / name
+        if not file.is_file():
+            raise CorruptCheckpointError(f"{path}: {name} is missing")
+        if file.stat().st_size != size:
+            raise CorruptCheckpointError(f"{path}: {name} has {file.stat().st_size} bytes, {size} when it was saved")
+    for file in sorted(path.iterdir()):
+        try:
+            if file.suffix == ".safetensors":
+                load_file(file)
+            elif file.suffix in (".bin", ".pkl", ".pt"):
+                accelerate_load(file, map_location="cpu")  # weights_only=True
+        except Exception as err:  # safetensors, pickle and zip errors share no base class
+            raise CorruptCheckpointError(f"{path}: {file.name} does not load ({type(err).__name__}: "
+                                         f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})") from err
+    return meta
+
+
+def resumable_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint whose files all load (`verify_checkpoint`), or None.
+
+    A newer one that fails is skipped with a warning that names it and its bad file, so a run
+    falls back to the previous checkpoint instead of dying on (or silently half-loading) it.
+    """
+    for _, path in reversed(list_checkpoints(output_dir)):
+        try:
+            verify_checkpoint(path)
+        except CorruptCheckpointError as err:
+            warnings.warn(f"skipping corrupt checkpoint {path.name}: {err}; trying the previous one", UserWarning,
+                          stacklevel=2)
+            continue
+        return path
+    return None
+
+
 def read_checkpoint_meta(path: str | os.PathLike) -> dict:
     meta = _read_meta(Path(path))
     if meta is None:
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no valid {META_NAME})")
     return meta
+
+
+def _file_sizes(directory: Path) -> dict[str, int]:
+    """{relative path: size} of every file under `directory`, each fsynced first so that the sizes
+    recorded in checkpoint.json are what the disk holds, even after a power cut."""
+    sizes = {}
+    for file in sorted(p for p in directory.rglob("*") if p.is_file()):
+        try:
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        except OSError:  # some platforms/file systems cannot fsync a read-only handle: sizes still count
+            pass
+        sizes[file.relative_to(directory).as_posix()] = file.stat().st_size
+    return sizes
+
+
+def _remove_stale(root: Path) -> None:
+    """Delete `.tmp-*` / `.old-*` dirs that a crash during an earlier save left behind."""
+    for directory in root.iterdir():
+        if _STALE.match(directory.name) and directory.is_dir():
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def _write_json_durably(path: Path, payload: dict) -> None:
@@ -117,14 +200,15 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, epochs_done: int
     final = root / f"epoch_{epochs_done:04d}"
     tmp = root / f".tmp-epoch_{epochs_done:04d}"
     if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by a crash during an earlier save
-        tmp.mkdir(parents=True)
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale(root)  # left by a crash during an earlier save
+        tmp.mkdir()
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()  # every process has written its RNG state
     if accelerator.is_main_process:
-        _write_json_durably(tmp / META_NAME, {**meta, "epochs_done": epochs_done, "complete": True})
+        _write_json_durably(tmp / META_NAME, {**meta, "epochs_done": epochs_done, "complete": True,
+                                              "files": _file_sizes(tmp)})
         if final.exists():  # re-saving an epoch after resuming from an earlier one
             trash = root / f".old-{final.name}"
             shutil.rmtree(trash, ignore_errors=True)

@@ -33,7 +33,10 @@ Design choices (also in --help):
   `accelerate launch --multi_gpu --num_processes 2 ... training/train.py --cpu` (gloo).
 - Checkpoints: `accelerator.save_state` into a temporary dir, metadata written last, atomic
   rename (training/checkpointing.py); `--resume` continues from the latest complete one, epoch
-  counter and RNG states included, and gives the same weights as an uninterrupted run.
+  counter and RNG states included, and gives the same weights as an uninterrupted run. A latest
+  checkpoint whose files do not load is skipped with a warning naming it; the previous one is used.
+- A NaN/inf loss stops the run before that step's update, naming the epoch and step; nothing is
+  saved after the last good checkpoint (exit code 3 from the command line).
 """
 
 from __future__ import annotations
@@ -68,6 +71,10 @@ RUN_IDENTITY_FLAGS = ("dataset", "categories", "clip_model", "image_size", "lr",
 
 class TrainingSetupError(ValueError):
     """A bad flag, path or data set, found before any training starts; the message names the flag."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss (or the weights) became NaN/inf; training stopped before saving anything from that point."""
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -210,14 +217,21 @@ def check_output_dir(args) -> None:
     if out.exists() and not out.is_dir():
         raise TrainingSetupError(f"--output_dir {out} exists and is not a directory")
     if args.resume is not None:
-        from training.checkpointing import latest_checkpoint
+        from training.checkpointing import CorruptCheckpointError, list_checkpoints, resumable_checkpoint, verify_checkpoint
 
-        target = latest_checkpoint(out) if args.resume == "latest" else Path(args.resume)
-        if target is None:
-            raise TrainingSetupError(f"--resume: no complete checkpoint in {out / 'checkpoints'}; "
-                                     "drop --resume to start a new run")
-        if not (Path(target) / "checkpoint.json").is_file():
-            raise TrainingSetupError(f"--resume {args.resume}: not a complete checkpoint (no checkpoint.json)")
+        if args.resume == "latest":  # the newest checkpoint whose files load; a corrupt newer one is skipped with a warning
+            target = resumable_checkpoint(out)
+            if target is None:
+                found = len(list_checkpoints(out))
+                raise TrainingSetupError(f"--resume: no {'loadable' if found else 'complete'} checkpoint in "
+                                         f"{out / 'checkpoints'}" + (f" ({found} corrupt, see the warnings)" if found else "")
+                                         + "; drop --resume to start a new run")
+        else:  # a checkpoint named on the command line is used as it is, or refused
+            target = Path(args.resume)
+            try:
+                verify_checkpoint(target)
+            except CorruptCheckpointError as err:
+                raise TrainingSetupError(f"--resume {args.resume}: not a loadable checkpoint: {err}") from err
         args.resume = str(target)
         return
     if out.is_dir() and any(out.iterdir()) and not args.overwrite_output_dir:
@@ -377,14 +391,29 @@ def epoch_log_line(record: dict) -> str:
             f"  ({record['seconds']:.2f}s{', cached features' if record['cached'] else ''})")
 
 
-def train_one_epoch(model, optimizer, accelerator, steps, epoch: int) -> dict:
+def train_one_epoch(model, optimizer, accelerator, steps, epoch: int, first_step: int = 0) -> dict:
     """One pass over `steps` (dicts of model inputs); returns each loss part's mean per image over all
-    processes (None for parts the model does not have, e.g. L_c1/L_c2 without CNC)."""
+    processes (None for parts the model does not have, e.g. L_c1/L_c2 without CNC).
+
+    A NaN/inf loss on any process raises TrainingDivergedError (naming the epoch, the step in the epoch
+    and the global step, counted from `first_step`) BEFORE that step's backward and update, so the
+    weights stay those of the last finite step.
+    """
     sums = torch.zeros(len(LOSS_NAMES) + 1, device=accelerator.device)  # sum of loss part x images, images
     present = set()
-    for inputs in steps:
+    for step, inputs in enumerate(steps, start=1):
         with accelerator.autocast():
             output = model(**inputs, epoch=epoch)  # epoch index from 0: L_c2 joins at theta (Eq. 11)
+        # One small all-reduce per step, so that every process stops at the same step (a process leaving the
+        # loop alone would hang the others in DDP's gradient all-reduce). It syncs with the device once a step.
+        nonfinite = accelerator.reduce((~torch.isfinite(output.loss.detach().float())).float(), reduction="sum")
+        if nonfinite.item() > 0:
+            value = output.loss.item()
+            if accelerator.num_processes > 1:
+                value = (f"not finite on {int(nonfinite.item())} of {accelerator.num_processes} processes "
+                         f"(this process: {value})")
+            raise TrainingDivergedError(f"the loss is {value} at epoch {epoch + 1}, step {step} of the epoch (global "
+                                        f"step {first_step + step}); stopped before this step's update")
         accelerator.backward(output.loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -395,6 +424,25 @@ def train_one_epoch(model, optimizer, accelerator, steps, epoch: int) -> dict:
                             + [sums.new_tensor(float(n))])
     totals = accelerator.reduce(sums, reduction="sum").tolist()
     return {name: totals[i] / totals[-1] if name in present else None for i, name in enumerate(LOSS_NAMES)}
+
+
+def check_finite_weights(model, epoch: int) -> None:
+    """Refuse to save NaN/inf weights (a finite loss can still come with an infinite gradient on the last step)."""
+    bad = [name for name, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise TrainingDivergedError(f"the weights became NaN/inf during epoch {epoch + 1} ({', '.join(bad[:3])}"
+                                    f"{' ...' if len(bad) > 3 else ''}); they were not saved")
+
+
+def _diverged_message(err: TrainingDivergedError, output_dir: Path) -> str:
+    """The error plus where the run can continue from."""
+    from training.checkpointing import latest_checkpoint
+
+    last = latest_checkpoint(output_dir)
+    keep = (f"the last good checkpoint {last} is kept (continue from it with --resume, e.g. with a lower --lr or "
+            "--mixed_precision no)" if last is not None else
+            "no checkpoint was written before it (--save_every N saves every N epochs)")
+    return f"training diverged: {err}; nothing was saved after that point, {keep}"
 
 
 # ----------------------------------------------------------------------------- the run
@@ -493,7 +541,7 @@ def main(argv=None) -> dict:
     log_path = output_dir / "train_log.jsonl"
     if main_process:  # a resumed run drops the log lines of epochs after its checkpoint
         lines = log_path.read_text().splitlines() if log_path.exists() else []
-        kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= start_epoch]
+        kept = [line for line in lines if (_log_epoch(line) or math.inf) <= start_epoch]  # a torn line from a kill: dropped
         log_path.write_text("".join(line + "\n" for line in kept))
     epoch_seconds = []
 
@@ -516,7 +564,12 @@ def main(argv=None) -> dict:
         steps = tqdm(steps, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not show,
                      leave=False)
         start = time.perf_counter()
-        losses = train_one_epoch(model, optimizer, accelerator, steps, epoch)
+        try:
+            losses = train_one_epoch(model, optimizer, accelerator, steps, epoch, first_step=epoch * steps_per_epoch)
+            if args.save_every and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
+                check_finite_weights(unwrapped, epoch)
+        except TrainingDivergedError as err:
+            raise TrainingDivergedError(_diverged_message(err, output_dir)) from None
         seconds = time.perf_counter() - start
         epoch_seconds.append(seconds)
         record = {"epoch": epoch + 1, "epochs": args.epochs, "world_size": world, "cached": cache is not None,
@@ -533,6 +586,10 @@ def main(argv=None) -> dict:
                             args.save_total_limit)
 
     if epoch_seconds:
+        try:
+            check_finite_weights(unwrapped, args.epochs - 1)  # never calibrate or save a NaN model
+        except TrainingDivergedError as err:
+            raise TrainingDivergedError(_diverged_message(err, output_dir)) from None
         line = f"mean epoch time {np.mean(epoch_seconds):.2f}s over {len(epoch_seconds)} epoch(s)"
         if cache is not None:  # an uncached epoch also runs the encoder on every image: about the build time
             line += (f" with cached features; building the cache took {cache.build_seconds:.2f}s, about what the "
@@ -588,6 +645,14 @@ def main(argv=None) -> dict:
     return {"metrics": metrics, **summary, "output_dir": str(output_dir)}
 
 
+def _log_epoch(line: str) -> int | None:
+    """The epoch of a train_log.jsonl line, None for an empty or torn one (a kill while it was written)."""
+    try:
+        return int(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def _jsonable(value):
     return json.loads(json.dumps(value, default=str))
 
@@ -598,6 +663,9 @@ def cli(argv=None) -> int:
     except TrainingSetupError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
+    except TrainingDivergedError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 3
     return 0
 
 
