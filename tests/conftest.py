@@ -16,6 +16,18 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# Prelude of subprocess scripts that must run as a process WITHOUT this package would: any import
+# of cnc_hf / modeling / training fails, so only the code saved with a model can serve it.
+BLOCK_CNC_PACKAGES = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("cnc_hf", "modeling", "training"):
+            raise ImportError("blocked: " + name)
+blocker = Block()
+sys.meta_path.insert(0, blocker)
+"""
+
 
 def tiny_clip_config(vision_layers: int = 4, image_size: int = 32, patch_size: int = 8, width: int = 32):
     from transformers import CLIPConfig

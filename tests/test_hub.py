@@ -23,7 +23,7 @@ from cnc_hf.pipeline import save_model_dir
 from modeling import CNCModel
 from modeling.image_processing_cnc import CNCImageProcessor
 
-from conftest import REPO_ROOT, tiny_cnc_config
+from conftest import BLOCK_CNC_PACKAGES, REPO_ROOT, tiny_cnc_config
 
 CODE_FILES = ["anomaly_map.py", "configuration_cnc.py", "decoder.py", "fusion.py", "image_processing_cnc.py",
               "losses.py", "modeling_cnc.py", "moe.py", "normality.py", "pipeline_cnc.py", "prompts.py"]
@@ -324,15 +324,8 @@ def test_hub_ids_load_from_the_cache_offline(saved_model, tmp_path):
     (repo / "refs" / "main").write_text(commit)
     image = np.random.default_rng(0).integers(0, 256, (30, 44, 3), dtype=np.uint8)
     PIL.Image.fromarray(image).save(tmp_path / "part.png")
-    script = textwrap.dedent(
+    script = BLOCK_CNC_PACKAGES + textwrap.dedent(
         f"""
-        import sys, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name.split(".")[0] in ("cnc_hf", "modeling", "training"):
-                    raise ImportError("blocked: " + name)
-        blocker = Block()
-        sys.meta_path.insert(0, blocker)
         from transformers import pipeline
         pipe = pipeline("image-anomaly-detection", model="org/cnc-mvtec", trust_remote_code=True)
         assert type(pipe).__module__.startswith("transformers_modules"), type(pipe).__module__

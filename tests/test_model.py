@@ -17,7 +17,7 @@ from modeling.losses import constraint_loss, distillation_loss, normality_alignm
 from modeling.moe import GatedMixtureOfExperts, importance_loss, route_top_k
 from modeling.normality import control_coefficient, normality_promotion
 
-from conftest import tiny_clip_config, tiny_cnc_config
+from conftest import BLOCK_CNC_PACKAGES, tiny_clip_config, tiny_cnc_config
 
 
 def make_model(seed=0, **overrides):
@@ -318,14 +318,8 @@ def test_remote_code_loads_without_the_package(tmp_path):
     with torch.no_grad():
         expected = model(pixel_values=x).anomaly_map
     torch.save(expected, tmp_path / "expected.pt")
-    script = textwrap.dedent(
+    script = BLOCK_CNC_PACKAGES + textwrap.dedent(
         f"""
-        import sys, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name.split(".")[0] in ("cnc_hf", "modeling", "training"):
-                    raise ImportError("blocked: " + name)
-        sys.meta_path.insert(0, Block())
         import torch
         from transformers import AutoModel
         model = AutoModel.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True).eval()

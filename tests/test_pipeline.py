@@ -21,17 +21,10 @@ from cnc_hf.pipeline import AnomalyMapPipeline, save_model_dir
 from modeling import CNCModel
 from modeling.image_processing_cnc import CNCImageProcessor
 from modeling.pipeline_cnc import HEATMAP_MAX_SIDE, jet_colormap, overlay_heatmap
+from conftest import BLOCK_CNC_PACKAGES as BLOCK_PACKAGE
 from conftest import tiny_cnc_config
 
 TASK = "image-anomaly-detection"
-BLOCK_PACKAGE = """
-import sys, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in ("cnc_hf", "modeling", "training"):
-            raise ImportError("blocked: " + name)
-sys.meta_path.insert(0, Block())
-"""
 
 
 def make_model(threshold=None) -> CNCModel:
