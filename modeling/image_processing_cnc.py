@@ -137,7 +137,11 @@ def _uint8_to_rgb_pil(array: np.ndarray, where: str) -> PIL.Image.Image:
     raise ValueError(f"{where}: {channels} channels; expected 1, 2, 3 or 4")  # unreachable after _channels_last
 
 
-def _tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
+def _tensor_to_numpy(tensor: torch.Tensor, where: str) -> np.ndarray:
+    # A meta or sparse tensor has no pixels to read: say so here rather than fail deep inside torch.
+    if tensor.device.type == "meta" or tensor.layout != torch.strided:
+        raise ValueError(f"{where}: a {tensor.device.type} tensor with layout {tensor.layout} holds no readable "
+                         "pixels; expected a dense tensor")
     tensor = tensor.detach().cpu()
     if tensor.dtype in (torch.bfloat16, torch.float16):
         tensor = tensor.float()
@@ -150,6 +154,9 @@ def _open_path(path: str | os.PathLike, where: str) -> PIL.Image.Image:
         image.load()
     except FileNotFoundError:
         raise FileNotFoundError(f"{where}: image file not found: {os.fspath(path)}") from None
+    except PIL.Image.DecompressionBombError as err:  # not an OSError: more pixels than PIL.Image.MAX_IMAGE_PIXELS allows
+        raise ValueError(f"{where}: refused image file {os.fspath(path)}: {err} (raise PIL.Image.MAX_IMAGE_PIXELS "
+                         "if you trust this file)") from err
     except (OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"{where}: cannot read image file {os.fspath(path)}: {err}") from err
     return image
@@ -184,7 +191,7 @@ def to_rgb_pil(image: Any, index: int | None = None) -> PIL.Image.Image:
         except ValueError as err:
             raise ValueError(f"{where}: PIL mode {mode!r} cannot be converted to RGB: {err}") from err
     if isinstance(image, torch.Tensor):
-        array = _channels_last(_tensor_to_numpy(image), where, prefer_channels_first=True)
+        array = _channels_last(_tensor_to_numpy(image, where), where, prefer_channels_first=True)
     elif isinstance(image, np.ndarray):
         array = _channels_last(image, where, prefer_channels_first=False)
     else:
@@ -211,7 +218,7 @@ def _mask_to_bool(mask: Any, index: int) -> np.ndarray:
             mask = mask.convert("L")
         return np.asarray(mask) > 0
     if isinstance(mask, torch.Tensor):
-        array = _channels_last(_tensor_to_numpy(mask), where, prefer_channels_first=True)
+        array = _channels_last(_tensor_to_numpy(mask, where), where, prefer_channels_first=True)
     elif isinstance(mask, np.ndarray):
         array = _channels_last(mask, where, prefer_channels_first=False)
     else:

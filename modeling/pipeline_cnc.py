@@ -146,7 +146,8 @@ def load_rgb(item: Any) -> PIL.Image.Image:
                 raise ValueError("empty bytes")
             item = PIL.Image.open(io.BytesIO(bytes(item)))
             item.load()
-        elif isinstance(item, torch.Tensor) and item.is_floating_point():
+        elif isinstance(item, torch.Tensor) and item.is_floating_point() and item.layout == torch.strided \
+                and item.device.type != "meta":  # meta/sparse tensors: to_rgb_pil says why they cannot be read
             if not bool(torch.isfinite(item).all()):
                 raise ValueError("the tensor contains NaN or infinite values")
         elif isinstance(item, np.ndarray) and item.dtype.kind == "f":
