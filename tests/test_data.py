@@ -201,6 +201,29 @@ def test_check_files_full_and_none(mvtec):
         load_mvtec_ad(root, check_files="full")
 
 
+def test_mvtec_stray_entries_are_ignored(mvtec):
+    """A folder named like an image, litter in mask folders, a folder that is no category: not rows, no errors."""
+    root, expected = mvtec
+    (root / "bottle" / "train" / "good" / "999.png").mkdir()
+    (root / "bottle" / "ground_truth" / "broken_large" / "Thumbs.db").write_bytes(b"\x00junk")
+    (root / "bottle" / "ground_truth" / "broken_large" / "notes.png.txt").write_text("x")
+    (root / "__MACOSX" / "bottle").mkdir(parents=True)
+    ds = load_mvtec_ad(root)
+    assert (len(ds["train"]), len(ds["test"])) == (expected["train"], expected["test"])
+    assert categories_of(ds) == ["bottle", "grid"]
+
+
+def test_mvtec_empty_category_is_reported_not_dropped(mvtec):
+    root, expected = mvtec
+    for folder in ("train/good", "test/good"):
+        (root / "cable" / folder).mkdir(parents=True)
+    with pytest.raises(AnomalyDatasetError, match="empty 'train' split for MVTec AD category 'cable': no usable images"):
+        load_mvtec_ad(root)
+    with pytest.warns(UserWarning, match="skipped 2 bad file"):  # its train and its test split
+        ds = load_mvtec_ad(root, on_bad_file="skip")
+    assert categories_of(ds) == ["bottle", "grid"] and len(ds["train"]) == expected["train"]
+
+
 # ----------------------------------------------------------------------------- VisA
 
 
@@ -319,6 +342,38 @@ def test_visa_unknown_category_and_anomaly_in_train(visa):
     edit_rows(root, anomaly_in_train)
     with pytest.raises(AnomalyDatasetError, match="in the train split"):
         load_visa(root)
+
+
+def test_visa_csv_that_is_not_text_names_the_file(visa):
+    root, _ = visa
+    path = root / "split_csv" / "1cls.csv"
+    utf16 = "object,split,label,image,mask\n".encode("utf-16")  # a spreadsheet's "Unicode text" export
+    for junk in (b"\x89PNG\r\n\x1a\n\xff\xfe binary", utf16):
+        path.write_bytes(junk)
+        with pytest.raises(AnomalyDatasetError, match=f"{path}: not a readable UTF-8 csv file"):
+            load_visa(root)
+
+
+def test_visa_columns_in_another_order_with_extra_ones_load(visa):
+    root, expected = visa
+    path = root / "split_csv" / "1cls.csv"
+    rows = read_csv_rows(path)
+    write_csv(path, [[r[3], "note", r[0], r[4], r[2], r[1]] for r in rows],
+              header=("image", "comment", "object", "mask", "label", "split"))
+    ds = load_visa(root)
+    assert (len(ds["train"]), len(ds["test"])) == (expected["train"], expected["test"])
+
+
+def test_visa_listed_path_that_is_a_folder(visa):
+    root, expected = visa
+    rows = read_csv_rows(root / "split_csv" / "1cls.csv")
+    image = root / rows[0][3]
+    image.unlink()
+    image.mkdir()  # a folder named like the image
+    with pytest.raises(AnomalyDatasetError, match=f"image not found: {image} \\(listed at .*1cls.csv:2\\)"):
+        load_visa(root)
+    with pytest.warns(UserWarning, match="skipped 1 bad file"):
+        assert len(load_visa(root, on_bad_file="skip")["train"]) == expected["train"] - 1
 
 
 # ----------------------------------------------------------------------------- parquet / Hub form

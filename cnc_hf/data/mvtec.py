@@ -74,6 +74,11 @@ def _category_records(root: Path, category: str, bad: BadFiles) -> dict[str, lis
         for stem, mask in sorted(masks.items()):
             bad.report(f"mask without its image: {mask} (expected {defect_dir / stem}.<png|jpg|...>)")
 
+    # A category folder without images (a partial copy or extraction) would otherwise just vanish from the set.
+    for split, rows, folder in (("train", train, train_dir), ("test", test, test_dir)):
+        if not rows:
+            bad.report(f"empty {split!r} split for MVTec AD category {category!r}: no usable images in {folder}")
+
     # Masks of a defect type that has no test folder at all.
     if truth_dir.is_dir():
         known = {d.name for d in defect_dirs}
@@ -96,8 +101,8 @@ def load_mvtec_ad(
         root: the folder holding one sub-folder per category (bottle, cable, ...).
         categories: a name or list of names; None = every category found.
         on_bad_file: "error" (default) raises on the first bad file (missing mask, mask without image,
-            unreadable/truncated image, mask of another size) naming it; "skip" leaves such files out
-            and warns once with their count.
+            unreadable/truncated image, mask of another size) or empty category (no train or no test
+            images) naming it; "skip" leaves such files out and warns once with their count.
         check_files: "header" (default; cheap, see `cnc_hf.data.common`), "full" (decode every file)
             or "none".
 

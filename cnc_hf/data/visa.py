@@ -37,15 +37,18 @@ VISA_LABELS = {"normal": 0, "anomaly": 1}
 def _read_csv(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"VisA split file not found: {path} (expected split_csv/1cls.csv under the VisA root)")
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        header = [name.strip() for name in (reader.fieldnames or [])]
-        missing = [c for c in CSV_COLUMNS if c not in header]
-        if missing:
-            raise AnomalyDatasetError(
-                f"{path}: header {header} lacks column(s) {missing}; expected {','.join(CSV_COLUMNS)}"
-            )
-        return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            header = [name.strip() for name in (reader.fieldnames or [])]
+            missing = [c for c in CSV_COLUMNS if c not in header]
+            if missing:
+                raise AnomalyDatasetError(
+                    f"{path}: header {header} lacks column(s) {missing}; expected {','.join(CSV_COLUMNS)}"
+                )
+            return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    except (UnicodeDecodeError, csv.Error) as err:  # e.g. an image or a spreadsheet saved under the csv's name
+        raise AnomalyDatasetError(f"{path}: not a readable UTF-8 csv file ({err})") from err
 
 
 def _defect_descriptions(root: Path, category: str) -> dict[str, str]:
