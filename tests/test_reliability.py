@@ -284,13 +284,22 @@ def test_a_nonfinite_loss_on_one_process_stops_every_process(tmp_path):
 
     script = tmp_path / "nan_ddp.py"
     script.write_text(textwrap.dedent(TWO_PROCESS_NAN.format(repo=str(REPO_ROOT))))
-    # torchrun starts faster than `accelerate launch`; ACCELERATE_USE_CPU makes it two gloo processes (notes/hf-v5.md).
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(_free_port()), str(script)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "ACCELERATE_USE_CPU": "1"}
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
-    output = result.stdout + result.stderr
-    assert result.returncode != 0, output[-3000:]
+    # The two processes are started directly with the variables a launcher would set (no launcher process to
+    # import torch a third time on a small machine); Accelerator(cpu=True) then joins them with gloo.
+    port, processes = str(_free_port()), []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": "2"}
+        processes.append(subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    try:
+        output = "".join(process.communicate(timeout=180)[0] for process in processes)  # a hang fails here
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    assert [process.returncode for process in processes] == [3, 3], output[-3000:]
     for rank in (0, 1):
         assert re.search(rf"process {rank} stopped: the loss is not finite on 1 of 2 processes \(this process: "
                          r"[^)]*\) at epoch 1, step 3 of the epoch \(global step 13\)", output), output[-3000:]
