@@ -57,3 +57,37 @@ def test_demo_end_to_end_small(tmp_path):
     assert len(records) == 4 and {r["label"] for r in records} == {0, 1}
     assert all(r["is_anomaly"] == (r["score"] >= config["threshold"]) for r in records)
     assert (out / "gallery.png").stat().st_size > 0 and (out / "metrics.md").read_text().startswith("| Category")
+
+
+def test_predict_writes_heat_maps_and_scores_like_the_pipeline(tmp_path, capsys):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from cnc_hf.pipeline import AnomalyMapPipeline, save_model_dir
+    from modeling import CNCModel
+    from modeling.image_processing_cnc import CNCImageProcessor
+
+    from conftest import tiny_cnc_config
+
+    torch.manual_seed(0)
+    model = CNCModel(tiny_cnc_config(threshold=0.5)).eval()
+    processor = CNCImageProcessor(size=32)
+    save_model_dir(model, processor, tmp_path / "model")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, size in enumerate([(40, 30), (64, 64)]):
+        paths.append(tmp_path / f"part{i}.png")
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(paths[-1])
+    out = tmp_path / "pred"
+    assert cli.main(["predict", *map(str, paths), "--model", str(tmp_path / "model"), "--output_dir", str(out)]) == 0
+    records = json.loads((out / "predictions.json").read_text())
+    expected = AnomalyMapPipeline(model=model, image_processor=processor)([str(p) for p in paths])
+    for record, exp, path in zip(records, expected, paths):
+        assert abs(record["score"] - exp["score"]) < 1e-5
+        assert record["is_anomaly"] == (exp["score"] >= 0.5)
+        saved_map = np.load(out / f"{path.stem}_map.npy")
+        assert saved_map.shape == Image.open(path).size[::-1]
+        assert (out / f"{path.stem}_heatmap.png").is_file()
+    with pytest.raises(SystemExit, match="no such image"):
+        cli.main(["predict", str(tmp_path / "missing.png"), "--model", str(tmp_path / "model")])
