@@ -38,20 +38,9 @@ from training.checkpointing import (
 CHECKPOINTED = ("--no_eval", "--save_every", "1", "--save_total_limit", "3", "--theta", "1")
 
 
-@pytest.fixture(autouse=True)
-def one_thread_and_fresh_accelerate():
-    """As in test_train.py: one intra-op thread (the killed subprocess runs with OMP_NUM_THREADS=1 too, so
-    its arithmetic is the same as this process's), and a fresh Accelerate state after every run."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    reset_accelerate()
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    return write_mvtec_layout(tmp_path_factory.mktemp("tiny_mvtec"), n_train=6, n_test_good=2, n_test_bad=2)
+# As in test_train.py: one intra-op thread (the killed subprocess runs with OMP_NUM_THREADS=1 too, so its
+# arithmetic is the same as this process's), a fresh Accelerate state after every run, the tiny data set.
+from test_train import one_thread_and_fresh_accelerate, tiny_data  # noqa: E402,F401  (pytest fixtures)
 
 
 def run(data, clip, out, *extra) -> dict:
