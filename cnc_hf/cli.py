@@ -14,7 +14,6 @@ subcommand is that module's help:
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import subprocess
 import sys
