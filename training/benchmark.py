@@ -11,7 +11,8 @@ Random CLIP weights of real shapes (speed does not depend on the values):
    the model alone on the same batches;
 3. training images/s with and without the frozen-feature cache (`--cache_features`), and the
    whole-run estimate for the paper's MVTec AD setup (3629 images x 250 epochs);
-4. peak memory of each (CUDA: max allocated; CPU: peak RSS growth, sampled every 2 ms);
+4. peak memory of each (CUDA: max allocated; CPU: peak RSS growth, sampled every 2 ms, with
+   glibc's mmap threshold fixed so that freed tensors leave RSS, see the end of this file);
 5. the metrics suite on MVTec-AD-sized data vs scikit-learn (training/bench_metrics.py).
 
 Prints a markdown table and writes JSON (`--output`). Each figure and its floor run alternately
@@ -296,4 +297,13 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        # glibc raises its mmap threshold after the first large free, and later tensors then come from a
+        # heap it keeps: RSS would stay flat after the warm-up and every CPU peak would read ~0. A fixed
+        # threshold (64 KiB) keeps each tensor buffer its own mapping, returned on free, so RSS tracks live
+        # memory. The variable must be set before the process starts, hence the re-exec.
+        import sys
+
+        os.execve(sys.executable, [sys.executable, "-m", "training.benchmark", *sys.argv[1:]],
+                  {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     main()
