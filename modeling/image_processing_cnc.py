@@ -190,16 +190,21 @@ def to_rgb_pil(image: Any, index: int | None = None) -> PIL.Image.Image:
             return image.convert("RGB")
         except ValueError as err:
             raise ValueError(f"{where}: PIL mode {mode!r} cannot be converted to RGB: {err}") from err
-    if isinstance(image, torch.Tensor):
-        array = _channels_last(_tensor_to_numpy(image, where), where, prefer_channels_first=True)
-    elif isinstance(image, np.ndarray):
-        array = _channels_last(image, where, prefer_channels_first=False)
-    else:
-        raise ValueError(
-            f"{where}: unsupported input type {type(image).__name__}; expected a PIL image, numpy array, "
-            "torch tensor or file path"
-        )
+    array = _array_channels_last(image, where, "input", "a PIL image")
     return _uint8_to_rgb_pil(_array_to_uint8(array, where), where)
+
+
+def _array_channels_last(value: Any, where: str, what: str, expected: str) -> np.ndarray:
+    """A numpy array (channels last) from a torch tensor (read CxHxW) or numpy array (read HxWxC);
+    any other type is a ValueError naming `where`."""
+    if isinstance(value, torch.Tensor):
+        return _channels_last(_tensor_to_numpy(value, where), where, prefer_channels_first=True)
+    if isinstance(value, np.ndarray):
+        return _channels_last(value, where, prefer_channels_first=False)
+    raise ValueError(
+        f"{where}: unsupported {what} type {type(value).__name__}; expected {expected}, numpy array, "
+        "torch tensor or file path"
+    )
 
 
 def _mask_to_bool(mask: Any, index: int) -> np.ndarray:
@@ -217,15 +222,7 @@ def _mask_to_bool(mask: Any, index: int) -> np.ndarray:
         if mask.mode not in ("1", "L", "P") + _HIGH_BIT_MODES:
             mask = mask.convert("L")
         return np.asarray(mask) > 0
-    if isinstance(mask, torch.Tensor):
-        array = _channels_last(_tensor_to_numpy(mask, where), where, prefer_channels_first=True)
-    elif isinstance(mask, np.ndarray):
-        array = _channels_last(mask, where, prefer_channels_first=False)
-    else:
-        raise ValueError(
-            f"{where}: unsupported mask type {type(mask).__name__}; expected None, a PIL image, numpy array, "
-            "torch tensor or file path"
-        )
+    array = _array_channels_last(mask, where, "mask", "None, a PIL image")
     if array.size == 0:
         raise ValueError(f"{where}: empty mask (shape {tuple(array.shape)}); expected at least 1x1 pixels")
     if array.dtype.kind not in "biuf":
