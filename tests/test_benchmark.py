@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
-from training.benchmark import PeakMemory, main, timed_pair
+from training.benchmark import PeakMemory, clip_config, count_training_flops, main, timed_pair
 
 
 def test_peak_memory_sees_a_known_cpu_allocation():
@@ -32,7 +33,8 @@ def test_timed_pair_measures_a_known_ratio():
 def test_benchmark_reports_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     result = main(["--shape", "tiny", "--image_size", "64", "--repeats", "1", "--pipeline_images", "2",
-                   "--metrics_images", "12", "--metrics_size", "32", "--output", str(out)])
+                   "--metrics_images", "12", "--metrics_size", "32", "--epoch_images", "6", "--epoch_png_size", "96",
+                   "--epoch_count", "1", "--epoch_rounds", "1", "--output", str(out)])
     saved = json.loads(out.read_text())
     assert [row["batch"] for row in saved["inference"]] == [1, 8]
     for row in saved["inference"]:
@@ -42,5 +44,39 @@ def test_benchmark_reports_every_figure(tmp_path):
     t = saved["training"]
     assert t["speedup"] > 0 and t["mvtec_run_hours_cached"] > 0
     assert t["cached_img_s"] > 0 and t["uncached_img_s"] > 0
+    # CPU peaks come from the child process (glibc's mmap threshold fixed) and are merged in.
+    peaks = [saved["pipeline"]["pipeline_peak_mb"], t["cached_peak_mb"], t["uncached_peak_mb"]]
+    peaks += [row[k] for row in saved["inference"] for k in ("cnc_peak_mb", "vision_tower_peak_mb")]
+    assert all(isinstance(p, (int, float)) and p >= 0 for p in peaks) and t["uncached_peak_mb"] > 0
+    assert t["encoder_gflop"] > 0 and t["head_step_gflop"] > 0
+    assert t["flop_bound_speedup"] == pytest.approx((t["encoder_gflop"] + t["head_step_gflop"]) / t["head_step_gflop"])
+    e = saved["epochs"]  # whole train.py runs on 6 demo PNGs (2 per category)
+    assert e["images"] == 6 and e["png_size"] == 96
+    assert e["uncached_epoch_s"] > 0 and e["cached_epoch_s"] > 0 and e["cache_build_s"] > 0
+    assert e["speedup"] == pytest.approx(e["uncached_epoch_s"] / e["cached_epoch_s"])  # one round: its own ratio
     assert saved["metrics"]["n_images"] == 12
     assert "| inference, batch 8" in saved["markdown"] and result["environment"]["attn_implementation"] == "sdpa"
+
+
+def test_flop_count_of_the_encoder_matches_a_hand_count():
+    """The encoder's FLOPs, counted by torch, equal the hand count of its patch convolution and linear layers
+    (plus attention's two matmuls, where torch counts the SDPA kernel in use)."""
+    from contextlib import nullcontext
+
+    from modeling import CNCConfig, CNCModel
+
+    torch.manual_seed(0)
+    model = CNCModel(CNCConfig(clip_config=clip_config("tiny"), image_size=64)).train()
+    batch, size = 2, 64
+    x = torch.randn(batch, 3, size, size)
+    with torch.no_grad():
+        tapped = model.encode_image(x)
+    counts = count_training_flops(model, x, tapped, nullcontext)
+    width, mlp, patch = 64, 128, 8  # SHAPES["tiny"]
+    tokens, layers = (size // patch) ** 2 + 1, max(model.config.feature_layers)
+    conv = 2 * batch * (size // patch) ** 2 * width * 3 * patch**2
+    linear = 2 * batch * tokens * layers * (4 * width * width + 2 * width * mlp)  # q, k, v, out; fc1, fc2
+    attention = 2 * 2 * batch * layers * tokens * tokens * width  # q @ k^T and weights @ v
+    assert round(counts["encoder_gflop"] * 1e9) in (conv + linear, conv + linear + attention)
+    assert counts["head_step_gflop"] > 0 and counts["flop_bound_speedup"] > 1
+    assert all(p.grad is None for p in model.parameters())  # the count leaves no gradients behind
