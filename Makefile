@@ -5,7 +5,7 @@ PYTHON ?= python3
 # The CPU wheel that lies on this project's machines; elsewhere set TORCH_SPEC="torch" (or a CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install install-test demo test benchmark
+.PHONY: install install-test demo test benchmark gpu-wheels
 
 install:
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
@@ -24,3 +24,10 @@ test: install-test
 
 benchmark: install
 	$(PYTHON) -m training.benchmark $(BENCH_ARGS)
+
+# Wheels the GPU machine's image lacks (it has torch, transformers, accelerate, pillow, scikit-image),
+# for training/bench_gpu.sh there: pure-Python, for its Python 3.12.
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
