@@ -27,5 +27,8 @@ def normality_promotion(features: torch.Tensor, joint_features: torch.Tensor, g_
     alpha = joint_features @ g_n  # (B, L), Eq. (7)
     beta = joint_features @ g_a
     psi = control_coefficient(alpha, beta)
-    lam = 1.0 / features.norm(dim=-1).clamp_min(eps)
-    return features + (lam * psi).unsqueeze(-1).to(features.dtype)
+    # At least float32: under bf16 autocast the shift lambda * Psi (~1/||f|| per channel) would be
+    # rounded away against f's own values (bf16 keeps ~3 significant digits).
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    lam = 1.0 / features.to(dtype).norm(dim=-1).clamp_min(eps)
+    return features.to(dtype) + (lam * psi.to(dtype)).unsqueeze(-1)

@@ -87,6 +87,13 @@ def test_control_coefficient_and_promotion_by_hand():
     out = normality_promotion(f, joint, torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))
     psi = (1 + math.tanh(1.0 - 0.0)) / 2  # alpha = 1, beta = 0
     assert torch.allclose(out, torch.tensor([[[3 + psi / 5, 4 + psi / 5]]]))
+    # bf16 features (as under autocast): f = (300, 400), the shift psi/500 ~ 0.0015 is far below bf16's
+    # step at 300 (2.0), so the sum is kept in float32.
+    out = normality_promotion((100 * f).bfloat16(), joint.bfloat16(), torch.tensor([1.0, 0.0]).bfloat16(),
+                              torch.tensor([0.0, 1.0]).bfloat16())
+    assert out.dtype == torch.float32
+    psi_bf16 = control_coefficient(torch.tensor(1.0).bfloat16(), torch.tensor(0.0).bfloat16()).float().item()
+    assert torch.allclose(out - torch.tensor([[[300.0, 400.0]]]), torch.full((1, 1, 2), psi_bf16 / 500), rtol=0, atol=1e-4)
 
 
 def test_alignment_loss_by_hand_at_tau():
@@ -255,6 +262,19 @@ def test_cached_tapped_features_give_the_same_map():
         cached = model(tapped_features=model.encode_image(x))
     assert torch.allclose(direct.anomaly_map, cached.anomaly_map, atol=1e-6)
 
+
+
+def test_bf16_autocast_inference_follows_float32():
+    """Under bf16 autocast the maps stay float32 and follow the float32 maps (bf16 keeps ~3 digits)."""
+    model = make_model().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        full = model(pixel_values=x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(pixel_values=x)
+    assert low.anomaly_map.dtype == torch.float32 and torch.isfinite(low.anomaly_map).all()
+    assert torch.corrcoef(torch.stack([full.anomaly_map.flatten(), low.anomaly_map.flatten()]))[0, 1] > 0.99
+    assert torch.allclose(low.image_score, full.image_score, rtol=0.05)
 
 # ---------------------------------------------------------------- loading and saving
 def test_from_clip_pretrained_loads_clip_unchanged_and_frozen(tiny_clip_dir_with_tokenizer):
