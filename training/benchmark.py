@@ -19,7 +19,8 @@ Random CLIP weights of real shapes (speed does not depend on the values):
 
 Prints a markdown table and writes JSON (`--output`). Each figure and its floor run alternately
 (`--repeats` rounds after a warm-up); the table gives medians, and each ratio is the median of
-the per-round ratios, so machine load hits both sides alike. Peak memory is taken in one extra call of each (on the CPU in a child process, see run_memory_pass).
+the per-round ratios, so machine load hits both sides alike. Peak memory is taken in one extra
+call of each (on the CPU in a child process, see run_memory_pass).
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ def run_memory_pass(args) -> dict:
         out = Path(tmp) / "memory.json"
         command = [sys.executable, "-m", "training.benchmark", "--shape", args.shape, "--image_size", str(args.image_size),
                    "--device", args.device, "--dtype", args.dtype, "--train_batch", str(args.train_batch),
-                   "--pipeline_images", str(args.pipeline_images), "--skip", *skip, "--output", str(out)]
+                   "--pipeline_images", str(args.pipeline_images), "--repeats", "1", "--skip", *skip,
+                   "--output", str(out)]
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "CNC_BENCH_MEMORY_PASS": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                            os.environ.get("PYTHONPATH")]))}
