@@ -16,7 +16,9 @@ def normality_alignment_loss(global_features: torch.Tensor, text_features: torch
         text_features: [g_n^i, g_a^i], L2-normalised (n, 2, P).
     Returns the sum over layers i, averaged over the batch.
     """
-    logits = torch.einsum("bnp,nkp->bnk", global_features.float(), text_features.float()) / tau  # (B, n, 2)
+    # float32 even under autocast: at tau = 0.001 a bf16 cosine's rounding (~1e-3) would move a logit by ~1.
+    with torch.autocast(device_type=global_features.device.type, enabled=False):
+        logits = torch.einsum("bnp,nkp->bnk", global_features.float(), text_features.float()) / tau  # (B, n, 2)
     # -log softmax(...)[normal] = logsumexp(logits) - logit_normal, computed stably.
     per_layer = torch.logsumexp(logits, dim=-1) - logits[..., 0]
     return per_layer.sum(dim=1).mean()

@@ -24,11 +24,13 @@ def normality_promotion(features: torch.Tensor, joint_features: torch.Tensor, g_
     normalised). lambda = 1/||f|| uses each patch's own L2 norm, so the promotion is a small,
     scale-free shift of every channel of that patch.
     """
-    alpha = joint_features @ g_n  # (B, L), Eq. (7)
-    beta = joint_features @ g_a
-    psi = control_coefficient(alpha, beta)
-    # At least float32: under bf16 autocast the shift lambda * Psi (~1/||f|| per channel) would be
-    # rounded away against f's own values (bf16 keeps ~3 significant digits).
+    # At least float32, autocast or not: bf16 keeps ~3 significant digits, which would blur alpha - beta
+    # and round the shift lambda * Psi (~1/||f|| per channel) away against f's own values.
     dtype = torch.promote_types(features.dtype, torch.float32)
-    lam = 1.0 / features.to(dtype).norm(dim=-1).clamp_min(eps)
-    return features.to(dtype) + (lam * psi.to(dtype)).unsqueeze(-1)
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        joint = joint_features.to(dtype)
+        alpha = joint @ g_n.to(dtype)  # (B, L), Eq. (7)
+        beta = joint @ g_a.to(dtype)
+        psi = control_coefficient(alpha, beta)
+        lam = 1.0 / features.to(dtype).norm(dim=-1).clamp_min(eps)
+        return features.to(dtype) + (lam * psi).unsqueeze(-1)

@@ -110,6 +110,18 @@ def test_alignment_loss_by_hand_at_tau():
     assert normality_alignment_loss(e2, g2, 0.001).item() == pytest.approx(ref.item(), rel=1e-5)
 
 
+def test_alignment_logits_and_promotion_stay_float32_under_bf16_autocast():
+    """At tau = 0.001 a bf16 matmul's rounding (~1e-3 on a cosine) would move a logit by ~1, and alpha - beta
+    in Psi would blur: both are computed in float32 whatever the autocast."""
+    e = F.normalize(torch.randn(4, 3, 16), dim=-1)
+    g = F.normalize(torch.randn(3, 2, 16), dim=-1)
+    f, joint = torch.randn(2, 5, 8), F.normalize(torch.randn(2, 5, 16), dim=-1)
+    loss, promoted = normality_alignment_loss(e, g, 0.001), normality_promotion(f, joint, g[0, 0], g[0, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(normality_alignment_loss(e, g, 0.001), loss)
+        assert torch.equal(normality_promotion(f, joint, g[0, 0], g[0, 1]), promoted)
+
+
 def test_constraint_switches_at_theta():
     c1, c2 = torch.tensor(2.0), torch.tensor(3.0)
     assert constraint_loss(c1, c2, epoch=4, theta=5, gamma=0.1).item() == 2.0

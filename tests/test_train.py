@@ -227,6 +227,21 @@ def test_feature_cache_on_disk_is_reused(tmp_path, tiny_clip_dir):
         FeatureCache.build(model, loader[:1], 5, torch.float32, None, progress=False)
 
 
+def test_adam_is_fused_where_torch_has_the_kernel_and_updates_like_plain_adam():
+    torch.manual_seed(0)
+    start, grads = torch.randn(3, 5), [torch.randn(3, 5) for _ in range(3)]
+    finals = []
+    for device_type in ("cpu", "some_accelerator"):
+        param = torch.nn.Parameter(start.clone())
+        optimizer = train.make_optimizer([param], lr=1e-3, device_type=device_type)
+        assert optimizer.param_groups[0]["fused"] is (True if device_type == "cpu" else None)
+        for grad in grads:
+            param.grad = grad.clone()
+            optimizer.step()
+        finals.append(param.detach())
+    assert torch.allclose(finals[0], finals[1], atol=1e-6) and not torch.equal(finals[0], start)
+
+
 def test_bf16_autocast_trains_on_cpu(tmp_path, tiny_data, tiny_clip_dir):
     summary = train.main(argv(tiny_data, tiny_clip_dir, tmp_path / "bf16", "--no_eval", "--save_every", "0",
                               "--epochs", "1", "--mixed_precision", "bf16"))

@@ -137,8 +137,11 @@ def run_memory_pass(args) -> dict:
                "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                            os.environ.get("PYTHONPATH")]))}
         done = subprocess.run(command, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"the memory pass ({' '.join(command)}) failed:\n{done.stderr[-3000:]}")
+        if done.returncode != 0:  # keep the timings already taken; the peaks stay unknown ("-")
+            import warnings
+
+            warnings.warn(f"the memory pass ({' '.join(command)}) failed, no CPU peak memory:\n{done.stderr[-3000:]}")
+            return {}
         return json.loads(out.read_text())
 
 
@@ -235,7 +238,7 @@ def bench_training(model, args, device, autocast) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     from training.train import make_optimizer
 
-    optimizer = make_optimizer(params, lr=1e-3)
+    optimizer = make_optimizer(params, lr=1e-3, device_type=device.type)
     batch = args.train_batch
     x = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
     model.train()
@@ -270,9 +273,10 @@ def bench_training(model, args, device, autocast) -> dict:
 
 def count_training_flops(model, x, tapped, autocast) -> dict:
     """FLOPs of the frozen encoder's forward and of the trainable part's forward + backward on one batch,
-    counted by torch (matmuls; attention too where torch counts the SDPA kernel in use), and the speedup
-    the cache can give if time follows FLOPs: (encoder + head) / head. The cache removes the encoder only,
-    so no implementation of the paper's decoder can beat this bound where both run on the same hardware."""
+    counted by torch (matmuls; attention too where torch counts the SDPA kernel in use, not on the CPU), and
+    the speedup the cache can give this model if time follows FLOPs: (encoder + head) / head. The cache
+    removes the encoder only. The bound grows a little with the batch (the text tower's cost is per step)
+    and would grow with a cheaper head than the paper's three ViT blocks."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as encoder, torch.no_grad(), autocast():
@@ -331,6 +335,10 @@ def bench_epochs(args, device) -> dict:
             "speedup": statistics.median(speedups)}
 
 
+def _mb(value) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def format_report(result: dict) -> str:
     env = result["environment"]
     lines = [f"CNC benchmark: {env['shape']} at {env['image_size']}px, {env['device']}, {env['dtype']}, "
@@ -338,16 +346,16 @@ def format_report(result: dict) -> str:
     lines += ["| measurement | CNC | floor | ratio | peak MB (CNC / floor) |", "|---|---|---|---|---|"]
     for row in result.get("inference", []):
         lines.append(f"| inference, batch {row['batch']} (img/s) | {row['cnc_img_s']:.2f} | {row['vision_tower_img_s']:.2f}"
-                     f" (vision tower) | {row['ratio']:.2f}x time | {row['cnc_peak_mb']:.0f} / {row['vision_tower_peak_mb']:.0f} |")
+                     f" (vision tower) | {row['ratio']:.2f}x time | {_mb(row['cnc_peak_mb'])} / {_mb(row['vision_tower_peak_mb'])} |")
     if "pipeline" in result:
         p = result["pipeline"]
         lines.append(f"| pipeline end to end, {p['images']} PNGs 512px (img/s) | {p['pipeline_img_s']:.2f} | "
-                     f"{p['model_img_s']:.2f} (model alone) | {p['ratio']:.2f}x time | {p['pipeline_peak_mb']:.0f} / - |")
+                     f"{p['model_img_s']:.2f} (model alone) | {p['ratio']:.2f}x time | {_mb(p['pipeline_peak_mb'])} / - |")
     if "training" in result:
         t = result["training"]
         lines.append(f"| training, batch {t['batch']} (img/s) | {t['cached_img_s']:.2f} cached | "
                      f"{t['uncached_img_s']:.2f} uncached | {t['speedup']:.2f}x faster | "
-                     f"{t['cached_peak_mb']:.0f} / {t['uncached_peak_mb']:.0f} |")
+                     f"{_mb(t['cached_peak_mb'])} / {_mb(t['uncached_peak_mb'])} |")
         lines.append(f"| FLOPs per training batch of {t['batch']} (GFLOP) | {t['head_step_gflop']:.4g} trainable part, fwd+bwd | "
                      f"{t['head_step_gflop'] + t['encoder_gflop']:.4g} with the encoder ({t['encoder_gflop']:.4g}) | "
                      f"{t['flop_bound_speedup']:.2f}x bound on the cache speedup | |")

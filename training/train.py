@@ -391,10 +391,18 @@ def epoch_log_line(record: dict) -> str:
             f"  ({record['seconds']:.2f}s{', cached features' if record['cached'] else ''})")
 
 
-def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
-    """Adam (the paper's optimizer), fused: one kernel for all ~29M trainable values instead of a loop of
-    element-wise ops per tensor. Same update rule; measured 0.037 s vs 0.097 s per step at ViT-B/16 on the CPU."""
-    return torch.optim.Adam(params, lr=lr, fused=True)
+FUSED_ADAM_DEVICES = ("cpu", "cuda", "mps", "xpu")  # where torch has the fused Adam kernel
+
+
+def make_optimizer(params, lr: float, device_type: str = "cpu") -> torch.optim.Optimizer:
+    """Adam (the paper's optimizer), fused where torch has the kernel: one kernel for all ~29M trainable
+    values instead of a loop of element-wise ops per tensor. Same update rule; measured 0.037 s vs 0.097 s
+    per step at ViT-B/16 on the CPU. Elsewhere torch's default implementation.
+
+    A resumed run takes the optimizer settings saved in its checkpoint (exact resume), so a checkpoint
+    written before fused Adam resumes unfused.
+    """
+    return torch.optim.Adam(params, lr=lr, fused=True if device_type in FUSED_ADAM_DEVICES else None)
 
 
 def train_one_epoch(model, optimizer, accelerator, steps, epoch: int, first_step: int = 0) -> dict:
@@ -503,7 +511,7 @@ def main(argv=None) -> dict:
     accelerator.wait_for_everyone()
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(trainable, args.lr)
+    optimizer = make_optimizer(trainable, args.lr, accelerator.device.type)
     model, optimizer = accelerator.prepare(model, optimizer)
     register_trainable_only_hooks(accelerator)
     unwrapped = accelerator.unwrap_model(model)
