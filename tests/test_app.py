@@ -303,6 +303,14 @@ def _save_small_png(path: Path, png: bytes) -> None:
     image.quantize(colors=256, method=PIL.Image.Quantize.MEDIANCUT).save(path, optimize=True)
 
 
+# An <img> can be visible before its data has loaded (a CI run once read naturalWidth 0 there): wait for
+# its load event, up to 10 s, and return its decoded width (0 if it is broken or never loads).
+LOADED_WIDTH = """img => img.complete ? img.naturalWidth : new Promise(resolve => {
+    img.addEventListener("load", () => resolve(img.naturalWidth), {once: true});
+    img.addEventListener("error", () => resolve(0), {once: true});
+    setTimeout(() => resolve(img.naturalWidth), 10000);
+})"""
+
 def test_app_in_headless_chromium(model_dir, detector, example_images, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing: scripts/install_browser.sh (run by `make test`) installs Debian's "
@@ -348,9 +356,9 @@ def test_app_in_headless_chromium(model_dir, detector, example_images, tmp_path)
                 assert heatmaps.count() == 2
                 for i in range(2):
                     assert heatmaps.nth(i).is_visible()
-                    assert heatmaps.nth(i).evaluate("img => img.complete && img.naturalWidth") > 0
+                    assert heatmaps.nth(i).evaluate(LOADED_WIDTH) > 0
                 raw = page.locator("#raw-map img")
-                assert raw.is_visible() and raw.evaluate("img => img.naturalWidth") > 0
+                assert raw.is_visible() and raw.evaluate(LOADED_WIDTH) > 0
                 screenshot = page.screenshot(full_page=True)
 
                 # The slider re-decides from the kept scores.
