@@ -19,13 +19,15 @@ def anomaly_map(encoded: list[torch.Tensor], decoded: list[torch.Tensor], grid: 
     """
     h, w = grid
     total = None
-    for f, f_hat in zip(encoded, decoded):
-        distance = 1.0 - F.cosine_similarity(f.float(), f_hat.float(), dim=-1)  # (B, h*w)
-        distance = distance.reshape(-1, 1, h, w)
-        total = distance if total is None else total + distance
-    # Upsampling is linear, so summing first and upsampling once equals the paper's sum of
-    # upsampled maps at a third of the cost.
-    return F.interpolate(total, size=tuple(output_size), mode="bilinear", align_corners=False)[:, 0]
+    # float32 under any autocast too: in bf16 (~3 digits) neighbouring scores would tie and blunt the pixel metrics.
+    with torch.autocast(device_type=encoded[0].device.type, enabled=False):
+        for f, f_hat in zip(encoded, decoded):
+            distance = 1.0 - F.cosine_similarity(f.float(), f_hat.float(), dim=-1)  # (B, h*w)
+            distance = distance.reshape(-1, 1, h, w)
+            total = distance if total is None else total + distance
+        # Upsampling is linear, so summing first and upsampling once equals the paper's sum of
+        # upsampled maps at a third of the cost.
+        return F.interpolate(total, size=tuple(output_size), mode="bilinear", align_corners=False)[:, 0]
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -40,8 +42,9 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
     kernel = (kernel / kernel.sum()).to(maps.dtype)
     out = maps.unsqueeze(1)
-    out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
-    out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    with torch.autocast(device_type=maps.device.type, enabled=False):  # keep the maps' dtype (autocast: bf16 conv)
+        out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+        out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
     return out[:, 0]
 
 

@@ -321,11 +321,8 @@ class CNCModel(CNCPreTrainedModel):
                 loss_c1=loss_c1, loss_c2=loss_c2,
             )
         else:
-            # Eq. (17) in float32 under any autocast: in bf16, neighbouring scores would tie and blunt
-            # the pixel metrics.
-            with torch.autocast(device_type=f_star[0].device.type, enabled=False):
-                maps = anomaly_map(f_star, f_hat_star, grid, output_size)
-                maps = gaussian_blur(maps, self.config.map_smoothing_sigma)
+            maps = anomaly_map(f_star, f_hat_star, grid, output_size)
+            maps = gaussian_blur(maps, self.config.map_smoothing_sigma)
             output = CNCOutput(anomaly_map=maps, image_score=image_score(maps, self.config.image_score_reduction))
         return output if return_dict else output.to_tuple()
 

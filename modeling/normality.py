@@ -32,5 +32,6 @@ def normality_promotion(features: torch.Tensor, joint_features: torch.Tensor, g_
         alpha = joint @ g_n.to(dtype)  # (B, L), Eq. (7)
         beta = joint @ g_a.to(dtype)
         psi = control_coefficient(alpha, beta)
-        lam = 1.0 / features.to(dtype).norm(dim=-1).clamp_min(eps)
-        return features.to(dtype) + (lam * psi).unsqueeze(-1)
+        f = features.to(dtype)
+        lam = 1.0 / f.norm(dim=-1).clamp_min(eps)
+        return f + (lam * psi).unsqueeze(-1)
