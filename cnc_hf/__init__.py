@@ -9,8 +9,8 @@ Importing the package registers "cnc" with AutoConfig/AutoModel and the
 
 from transformers import AutoConfig, AutoModel
 
-from modeling import CNCConfig, CNCModel, CNCOutput
-from modeling.image_processing_cnc import CNCImageProcessor
+from cnc_hf.modeling import CNCConfig, CNCModel, CNCOutput
+from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
 
 AutoConfig.register("cnc", CNCConfig, exist_ok=True)
 AutoModel.register(CNCConfig, CNCModel, exist_ok=True)

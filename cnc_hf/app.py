@@ -68,7 +68,7 @@ def load_detector(model_or_dir: Any, trust_remote_code: bool = False, device: An
         from cnc_hf.hub import load_pipeline
     except ImportError as err:
         raise ImportError(
-            f"cnc_hf is not installed ({err}); install it (pip install cnc-hf[app]) or pass "
+            f"cnc_hf is not installed ({err}); install it (pip install -e '.[app]' in a cnc-hf clone) or pass "
             "trust_remote_code=True to run the code saved with the model"
         ) from err
     return load_pipeline(name, **kwargs)
@@ -367,7 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import gradio  # noqa: F401
     except ImportError:
-        print("cnc-hf app needs gradio: pip install 'cnc-hf[app]' (or pip install gradio)", file=sys.stderr)
+        print("cnc-hf app needs gradio: pip install gradio (or pip install -e '.[app]' in the cnc-hf clone)",
+              file=sys.stderr)
         return 1
     if args.no_examples:
         examples = None

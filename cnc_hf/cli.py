@@ -4,12 +4,12 @@ Each subcommand is a thin front for a module that also runs on its own, so `--he
 subcommand is that module's help:
 
     cnc-hf demo                      build demo data, train, evaluate, save, predict (minutes on a CPU)
-    cnc-hf train ...                 = python -m training.train ... (accelerate launch for many GPUs)
+    cnc-hf train ...                 = python -m cnc_hf_train.train ... (accelerate launch -m for many GPUs)
     cnc-hf evaluate --model DIR ...  = python -m cnc_hf.evaluation ...
     cnc-hf predict IMG... --model DIR [--output_dir DIR]
     cnc-hf push MODEL_DIR REPO_ID    = python -m cnc_hf.hub push ...
     cnc-hf convert --format mvtec --root DIR --output_dir DIR   = python -m cnc_hf.data.convert ...
-    cnc-hf app --model DIR_OR_ID     a Gradio app (pip install cnc-hf[app])
+    cnc-hf app --model DIR_OR_ID     a Gradio app (extra "app": pip install -e ".[app]")
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 
 COMMANDS = {
     "demo": ("cnc_hf.demo", "build the demo data set, train, evaluate, save and predict, in minutes on a CPU"),
-    "train": (None, "train CNC (forwards to training/train.py; see `cnc-hf train --help`)"),
+    "train": (None, "train CNC (runs cnc_hf_train.train, the repository's training/train.py; see `cnc-hf train --help`)"),
     "evaluate": ("cnc_hf.evaluation", "evaluate a model dir on a data set: per-category table (markdown + JSON)"),
     "predict": ("cnc_hf.predict", "score images with a model and write heat-map overlays"),
     "push": ("cnc_hf.hub", "upload a finished model dir (weights, code, card) to the Hugging Face Hub"),
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if command == "train":
         # A separate process: the package never imports the training code (training -> cnc_hf only).
-        return subprocess.call([sys.executable, "-m", "training.train", *rest])
+        return subprocess.call([sys.executable, "-m", "cnc_hf_train.train", *rest])
     module = importlib.import_module(COMMANDS[command][0])
     if command == "push" and (not rest or rest[0] != "push"):
         rest = ["push", *rest]

@@ -2,7 +2,7 @@
 
 1. builds the demo data set (textures from photographs shipped with scikit-image, with
    synthetic defects and exact masks, MVTec AD layout),
-2. trains CNC on it with `training/train.py` (feature cache on),
+2. trains CNC on it with `cnc_hf_train.train` (training/train.py in the repository; feature cache on),
 3. evaluates it (per-category I-AUROC / P-AUROC / AUPRO / I-AP / P-AP table),
 4. saves a finished model dir (safetensors, config, processor, code, model card),
 5. runs the `image-anomaly-detection` pipeline on test images and writes a heat-map gallery.
@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-REAL_USE = ("accelerate launch -m training.train --clip_model openai/clip-vit-large-patch14-336 "
+REAL_USE = ("accelerate launch -m cnc_hf_train.train --clip_model openai/clip-vit-large-patch14-336 "
             "--dataset mvtec --data_dir /path/to/mvtec_anomaly_detection --output_dir cnc-mvtec")
 
 
@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         clip, image_size = args.clip_model, 224
 
-    _stage("2/5 training (training/train.py)")
-    command = [sys.executable, "-m", "training.train", "--dataset", "demo", "--data_dir", str(data_dir),
+    _stage("2/5 training (cnc_hf_train.train)")
+    command = [sys.executable, "-m", "cnc_hf_train.train", "--dataset", "demo", "--data_dir", str(data_dir),
                "--clip_model", str(clip), "--output_dir", str(model_dir), "--epochs", str(args.epochs),
                "--batch_size", str(args.batch_size), "--image_size", str(image_size), "--seed", str(args.seed),
                "--cache_features", "--cache_dtype", "float32", "--overwrite_output_dir"]

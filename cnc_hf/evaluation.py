@@ -220,7 +220,7 @@ def _write_heatmap(out_dir: Path, path: str, category: str, pixel_values: torch.
     pipeline does (`overlay_heatmap`): 0 to 2x the threshold when one is known, else per image."""
     import PIL.Image
 
-    from modeling.pipeline_cnc import overlay_heatmap
+    from cnc_hf.modeling.pipeline_cnc import overlay_heatmap
 
     mean = np.asarray(processor.image_mean, dtype=np.float32)[:, None, None]
     std = np.asarray(processor.image_std, dtype=np.float32)[:, None, None]
@@ -284,8 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from accelerate import Accelerator
 
     from cnc_hf.data import load_anomaly_dataset
-    from modeling import CNCModel
-    from modeling.image_processing_cnc import CNCImageProcessor
+    from cnc_hf.modeling import CNCModel
+    from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
 
     model_path = Path(args.model)
     if args.output_dir is not None:

@@ -86,13 +86,15 @@ class ModelNotAvailableError(OSError):
 
 # --------------------------------------------------------------------------- templates
 def templates_dir() -> Path:
-    """The `model_cards/` folder: next to the package in the repo, and in site-packages when installed
-    (setup.py's package_data puts `../model_cards/*.md` at the same relative place)."""
-    candidate = Path(__file__).resolve().parents[1] / "model_cards"
+    """The model-card templates: the `cnc_hf.model_cards` package (the repository's `model_cards/`
+    folder, mapped there by pyproject.toml; package data of the wheel)."""
+    import cnc_hf.model_cards
+
+    candidate = Path(cnc_hf.model_cards.__file__).resolve().parent
     if (candidate / TEMPLATES["generic"]).is_file():
         return candidate
     raise FileNotFoundError(
-        f"model card templates not found at {candidate}; reinstall cnc-hf (setup.py package_data ships model_cards/)"
+        f"model card templates not found at {candidate}; reinstall cnc-hf (its wheel ships them as package data)"
     )
 
 
@@ -222,9 +224,9 @@ def render_heatmap_example(model_dir: str | os.PathLike, image: Any, out_path: s
     import PIL.Image
 
     from cnc_hf.pipeline import AnomalyMapPipeline
-    from modeling import CNCModel
-    from modeling.image_processing_cnc import CNCImageProcessor
-    from modeling.pipeline_cnc import load_rgb
+    from cnc_hf.modeling import CNCModel
+    from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
+    from cnc_hf.modeling.pipeline_cnc import load_rgb
 
     model_dir = Path(model_dir)
     out_path = Path(out_path) if out_path is not None else model_dir / HEATMAP_EXAMPLE
@@ -487,7 +489,7 @@ def _not_available(id_or_dir: Any, kwargs: Mapping[str, Any], err: Exception) ->
 
 def load_model(id_or_dir: str | os.PathLike, **kwargs):
     """`CNCModel.from_pretrained` with a clear error when a Hub id is neither cached nor reachable."""
-    from modeling import CNCModel
+    from cnc_hf.modeling import CNCModel
 
     try:
         return CNCModel.from_pretrained(id_or_dir, **kwargs)

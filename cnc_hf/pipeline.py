@@ -22,9 +22,9 @@ from pathlib import Path
 from transformers import AutoImageProcessor, AutoModel
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from modeling import CNCConfig
-from modeling.image_processing_cnc import CNCImageProcessor
-from modeling.pipeline_cnc import TASK, AnomalyMapPipeline, overlay_heatmap
+from cnc_hf.modeling import CNCConfig
+from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
+from cnc_hf.modeling.pipeline_cnc import TASK, AnomalyMapPipeline, overlay_heatmap
 
 # The files a finished model directory holds (besides README.md and metrics.json); hub.py checks them.
 WEIGHTS_NAME = "model.safetensors"

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -17,12 +14,12 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Prelude of subprocess scripts that must run as a process WITHOUT this package would: any import
-# of cnc_hf / modeling / training fails, so only the code saved with a model can serve it.
+# of cnc_hf / cnc_hf_train (or a stray modeling / training) fails, so only the code saved with a model can serve it.
 BLOCK_CNC_PACKAGES = """
 import sys, importlib.abc
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in ("cnc_hf", "modeling", "training"):
+        if name.split(".")[0] in ("cnc_hf", "cnc_hf_train", "modeling", "training"):
             raise ImportError("blocked: " + name)
 blocker = Block()
 sys.meta_path.insert(0, blocker)
@@ -43,7 +40,7 @@ def tiny_clip_config(vision_layers: int = 4, image_size: int = 32, patch_size: i
 
 
 def tiny_cnc_config(**overrides):
-    from modeling import CNCConfig
+    from cnc_hf.modeling import CNCConfig
 
     overrides.setdefault("image_size", 32)
     return CNCConfig(clip_config=tiny_clip_config(), **overrides)
@@ -51,20 +48,21 @@ def tiny_cnc_config(**overrides):
 
 @pytest.fixture(scope="session")
 def clip_bpe_dir(tmp_path_factory) -> Path:
-    """vocab.json + merges.txt of the real CLIP tokenizer, built from open_clip's BPE file."""
-    cache = Path(os.environ.get("CNC_HF_TEST_CACHE", Path.home() / ".cache" / "cnc_hf_tests"))
-    out = cache / "clip_bpe"
-    if (out / "vocab.json").exists() and (out / "merges.txt").exists():
-        return out
-    wheels = sorted(cache.glob("open_clip_torch-*.whl"))
-    if not wheels:
-        cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "open-clip-torch", "-d", str(cache)],
-                       check=True)
-        wheels = sorted(cache.glob("open_clip_torch-*.whl"))
-    with zipfile.ZipFile(wheels[-1]) as wheel:
-        bpe = gzip.decompress(wheel.read("open_clip/bpe_simple_vocab_16e6.txt.gz")).decode("utf-8")
-    write_clip_tokenizer_files(bpe, out)
+    """vocab.json + merges.txt of the real CLIP tokenizer, built from open_clip's BPE file.
+
+    The file comes from the installed open-clip-torch distribution (`make install-test` installs it with
+    --no-deps); it is read as data, without importing open_clip, and nothing is downloaded here."""
+    from importlib import metadata
+
+    try:
+        bpe_file = Path(metadata.distribution("open_clip_torch").locate_file("open_clip/bpe_simple_vocab_16e6.txt.gz"))
+    except metadata.PackageNotFoundError:
+        bpe_file = None
+    if bpe_file is None or not bpe_file.is_file():
+        pytest.fail("the real CLIP BPE vocabulary comes from the open-clip-torch wheel: "
+                    "`make install-test` installs it (pip install --no-deps open-clip-torch)", pytrace=False)
+    out = tmp_path_factory.mktemp("clip_bpe")
+    write_clip_tokenizer_files(gzip.decompress(bpe_file.read_bytes()).decode("utf-8"), out)
     return out
 
 

@@ -54,8 +54,8 @@ def example_images(tmp_path_factory) -> Path:
 def model_dir(tmp_path_factory, example_images) -> Path:
     """A tiny random CNC model dir whose calibrated threshold sits between the two images' scores,
     so that the page must show one ANOMALY and one normal at the model's own threshold."""
-    from modeling import CNCModel
-    from modeling.image_processing_cnc import CNCImageProcessor
+    from cnc_hf.modeling import CNCModel
+    from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
 
     from cnc_hf.pipeline import AnomalyMapPipeline, save_model_dir
 
@@ -131,7 +131,7 @@ def test_build_app_starts_at_the_calibrated_threshold(model_dir, detector, examp
 
 
 def test_build_app_without_threshold_uses_the_example_median_and_says_so(example_images):
-    from modeling import CNCModel
+    from cnc_hf.modeling import CNCModel
 
     torch.manual_seed(0)
     model = CNCModel(tiny_cnc_config()).eval()
@@ -193,7 +193,7 @@ def test_space_refuses_a_local_dir_unless_bundled(tmp_path, model_dir):
 
 
 def test_bundled_space_runs_without_cnc_hf(tmp_path, model_dir, example_images):
-    """The Space's app.py, run with cnc_hf and modeling made unimportable, scores like the pipeline."""
+    """The Space's app.py, run with cnc_hf (and any modeling package) made unimportable, scores like the pipeline."""
     space = tmp_path / "space"
     write_space_files(model_dir, space, examples=example_images, bundle_model=True)
     assert "models" not in _front_matter((space / "README.md").read_text())
@@ -201,7 +201,7 @@ def test_bundled_space_runs_without_cnc_hf(tmp_path, model_dir, example_images):
 import importlib.abc, json, sys
 class NoCncHf(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in ("cnc_hf", "modeling"):
+        if name.split(".")[0] in ("cnc_hf", "cnc_hf_train", "modeling"):
             raise ImportError("cnc_hf is not installed in a Space")
 sys.meta_path.insert(0, NoCncHf())
 sys.path.insert(0, ".")
@@ -213,7 +213,7 @@ runpy.run_path("app.py", run_name="__main__")
 import cnc_app
 score = cnc_app.load_detector("model", trust_remote_code=True)({str(example_images / "red_spot.png")!r})["score"]
 print(json.dumps({{"launched": launched, "score": score,
-                  "cnc_modules": [m for m in sys.modules if m.split(".")[0] in ("cnc_hf", "modeling")]}}))
+                  "cnc_modules": [m for m in sys.modules if m.split(".")[0] in ("cnc_hf", "cnc_hf_train", "modeling")]}}))
 """
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "hf_modules"), GRADIO_ANALYTICS_ENABLED="False",
                HF_HUB_OFFLINE="1")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from training.benchmark import PeakMemory, clip_config, count_training_flops, main, timed_pair
+from cnc_hf_train.benchmark import PeakMemory, clip_config, count_training_flops, main, timed_pair
 
 
 def test_peak_memory_sees_a_known_cpu_allocation():
@@ -63,7 +63,7 @@ def test_flop_count_of_the_encoder_matches_a_hand_count():
     (plus attention's two matmuls, where torch counts the SDPA kernel in use)."""
     from contextlib import nullcontext
 
-    from modeling import CNCConfig, CNCModel
+    from cnc_hf.modeling import CNCConfig, CNCModel
 
     torch.manual_seed(0)
     model = CNCModel(CNCConfig(clip_config=clip_config("tiny"), image_size=64)).train()

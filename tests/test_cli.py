@@ -65,8 +65,8 @@ def test_predict_writes_heat_maps_and_scores_like_the_pipeline(tmp_path, capsys)
     from PIL import Image
 
     from cnc_hf.pipeline import AnomalyMapPipeline, save_model_dir
-    from modeling import CNCModel
-    from modeling.image_processing_cnc import CNCImageProcessor
+    from cnc_hf.modeling import CNCModel
+    from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
 
     from conftest import tiny_cnc_config
 

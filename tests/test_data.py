@@ -25,7 +25,7 @@ from cnc_hf.data import (
 )
 from cnc_hf.data import convert as convert_module
 from cnc_hf.data.demo import DEFECT_KINDS, DEMO_CATEGORIES, _texture, apply_defect
-from modeling.image_processing_cnc import CNCImageProcessor
+from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
 from data_fixtures import MVTEC_SPEC, VISA_SPEC, read_csv_rows, write_csv, write_mvtec, write_visa
 
 

@@ -37,8 +37,8 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_and_processor(tiny_clip_dir):
-    from modeling import CNCModel
-    from modeling.image_processing_cnc import CNCImageProcessor
+    from cnc_hf.modeling import CNCModel
+    from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
 
     torch.manual_seed(0)
     return CNCModel.from_clip_pretrained(tiny_clip_dir, image_size=32).eval(), CNCImageProcessor(size=32)
@@ -173,8 +173,8 @@ def test_two_processes_gather_exactly_the_test_set(model_dir, dataset, tmp_path)
     two = json.loads((out / "metrics.json").read_text())
     assert two["world_size"] == 2 and two["num_images"] == 9
 
-    from modeling import CNCModel
-    from modeling.image_processing_cnc import CNCImageProcessor
+    from cnc_hf.modeling import CNCModel
+    from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
     from cnc_hf.evaluation import evaluate_model
 
     one = evaluate_model(CNCModel.from_pretrained(model_dir, dtype=torch.float32),

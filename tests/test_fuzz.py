@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from conftest import tiny_cnc_config
-from modeling import CNCModel
-from modeling.image_processing_cnc import CNCImageProcessor
-from modeling.pipeline_cnc import HEATMAP_MAX_SIDE, AnomalyMapPipeline, _describe, _fit_within
+from cnc_hf.modeling import CNCModel
+from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
+from cnc_hf.modeling.pipeline_cnc import HEATMAP_MAX_SIDE, AnomalyMapPipeline, _describe, _fit_within
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SIZE = 32  # the tiny model's input side
@@ -233,7 +233,7 @@ def test_a_10000_by_10000_image_stays_within_its_memory_bound(pipe):
     """Bound: the pipeline's peak memory growth stays under 1.6 x one float32 map of the image's size
     (610 MiB here): the returned anomaly map (381 MiB) is the only full-size float array; PIL's RGB copy of the
     input (381 MiB, freed before the map is made) and heat-map-sized work arrays come on top."""
-    from training.benchmark import PeakMemory
+    from cnc_hf_train.benchmark import PeakMemory
 
     side = 10000
     image = np.zeros((side, side, 3), np.uint8)

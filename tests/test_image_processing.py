@@ -11,7 +11,7 @@ import PIL.Image
 import pytest
 import torch
 
-from modeling.image_processing_cnc import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CNCImageProcessor, to_rgb_pil
+from cnc_hf.modeling.image_processing_cnc import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, CNCImageProcessor, to_rgb_pil
 
 MEAN = np.asarray(OPENAI_CLIP_MEAN, dtype=np.float32)
 STD = np.asarray(OPENAI_CLIP_STD, dtype=np.float32)
@@ -293,7 +293,7 @@ def test_save_and_load_round_trip(tmp_path):
 def test_auto_image_processor_loads_remote_code_from_the_saved_dir_only(tmp_path):
     save_dir = tmp_path / "saved"
     CNCImageProcessor(size=48).save_pretrained(save_dir)
-    # The subprocess cannot import modeling or cnc_hf: the saved folder is the only source of the class.
+    # The subprocess cannot import cnc_hf (nor a stray modeling): the saved folder is the only source of the class.
     script = textwrap.dedent(
         f"""
         import sys

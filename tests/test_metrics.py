@@ -160,7 +160,7 @@ def test_aupro_regions_are_8_connected_per_image():
 
 
 def test_reference_aupro_of_the_benchmark_agrees():
-    from training.bench_metrics import reference_aupro
+    from cnc_hf_train.bench_metrics import reference_aupro
 
     scores, labels, maps, masks = _random_set(np.random.default_rng(3), decimals=2)
     assert reference_aupro(maps, masks) == pytest.approx(_aupro_brute_force(maps, masks), abs=TOL)
@@ -358,7 +358,7 @@ def test_evaluate_module_loads_offline(tmp_path, monkeypatch):
 
 
 def test_benchmark_smoke():
-    from training.bench_metrics import format_benchmark, run_metrics_benchmark
+    from cnc_hf_train.bench_metrics import format_benchmark, run_metrics_benchmark
 
     result = run_metrics_benchmark(n_images=20, size=32, reference_aupro_check=True)
     assert result["max_abs_diff_vs_sklearn"] < TOL and result["abs_diff_vs_reference_aupro"] < TOL

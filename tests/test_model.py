@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from modeling import CNCConfig, CNCModel, default_feature_layers
-from modeling.anomaly_map import anomaly_map, image_score
-from modeling.losses import constraint_loss, distillation_loss, normality_alignment_loss
-from modeling.moe import GatedMixtureOfExperts, importance_loss, route_top_k
-from modeling.normality import control_coefficient, normality_promotion
+from cnc_hf.modeling import CNCConfig, CNCModel, default_feature_layers
+from cnc_hf.modeling.anomaly_map import anomaly_map, image_score
+from cnc_hf.modeling.losses import constraint_loss, distillation_loss, normality_alignment_loss
+from cnc_hf.modeling.moe import GatedMixtureOfExperts, importance_loss, route_top_k
+from cnc_hf.modeling.normality import control_coefficient, normality_promotion
 
 from conftest import BLOCK_CNC_PACKAGES, tiny_clip_config, tiny_cnc_config
 
@@ -355,7 +355,7 @@ def test_remote_code_loads_without_the_package(tmp_path):
         import torch
         from transformers import AutoModel
         model = AutoModel.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True).eval()
-        assert type(model).__name__ == "CNCModel" and "modeling" not in sys.modules
+        assert type(model).__name__ == "CNCModel" and not [m for m in sys.modules if m.startswith("cnc_hf")]
         assert not any(p.requires_grad for p in model.clip.parameters())
         x = torch.load({str(tmp_path / "x.pt")!r}, weights_only=True)
         expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)

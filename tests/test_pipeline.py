@@ -18,9 +18,9 @@ import torch
 
 import cnc_hf.pipeline  # noqa: F401  (registers the task)
 from cnc_hf.pipeline import AnomalyMapPipeline, save_model_dir
-from modeling import CNCModel
-from modeling.image_processing_cnc import CNCImageProcessor
-from modeling.pipeline_cnc import HEATMAP_MAX_SIDE, jet_colormap, overlay_heatmap
+from cnc_hf.modeling import CNCModel
+from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
+from cnc_hf.modeling.pipeline_cnc import HEATMAP_MAX_SIDE, jet_colormap, overlay_heatmap
 from conftest import BLOCK_CNC_PACKAGES as BLOCK_PACKAGE
 from conftest import tiny_cnc_config
 
@@ -238,7 +238,7 @@ def test_remote_code_pipeline_in_a_process_without_the_package(pipe, model_dir, 
         from transformers import pipeline
         pipe = pipeline({TASK!r}, model={str(model_dir)!r}, trust_remote_code=True)
         assert type(pipe).__module__.startswith("transformers_modules"), type(pipe).__module__
-        assert "modeling" not in sys.modules and "cnc_hf" not in sys.modules
+        assert not [m for m in sys.modules if m.startswith("cnc_hf") or m == "modeling"]
         results = pipe([{str(tmp_path / "0.png")!r}, {str(tmp_path / "1.png")!r}], batch_size=2)
         print("RESULT", json.dumps([[r["score"], r["is_anomaly"], list(r["anomaly_map"].shape),
                                      float(r["anomaly_map"].mean()), list(r["heatmap"].size)] for r in results]))

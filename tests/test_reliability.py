@@ -3,7 +3,7 @@ a NaN loss stops the run without saving, pickle weights never run code, and a co
 weights names the tensor.
 
 The training runs reuse tests/test_train.py's tiny MVTec layout and tiny random CLIP; the kill test starts
-`python -m training.train` in a subprocess and SIGKILLs it in the middle of an epoch.
+`python -m cnc_hf_train.train` in a subprocess and SIGKILLs it in the middle of an epoch.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from safetensors.torch import load_file
 from conftest import REPO_ROOT, tiny_cnc_config
 from test_train import argv, log_records, reset_accelerate, trainable_weights
 from train_fixtures import write_mvtec_layout
-from training import train
-from training.checkpointing import (
+from cnc_hf_train import train
+from cnc_hf_train.checkpointing import (
     TRAINABLE_NAME,
     CorruptCheckpointError,
     latest_checkpoint,
@@ -62,7 +62,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path,
     data = write_mvtec_layout(tmp_path / "data", n_train=20, n_test_good=1, n_test_bad=1)  # 18 steps an epoch
     epochs = ("--epochs", "4", "--batch_size", "2")
     killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "training.train", *argv(data, tiny_clip_dir, killed, *CHECKPOINTED, *epochs)]
+    command = [sys.executable, "-m", "cnc_hf_train.train", *argv(data, tiny_clip_dir, killed, *CHECKPOINTED, *epochs)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     console = tmp_path / "console.txt"  # a file, not a pipe: a full pipe would block the run
     with open(console, "wb") as handle:
@@ -187,7 +187,7 @@ def test_a_named_corrupt_checkpoint_or_no_loadable_one_is_refused(tmp_path, two_
 # ----------------------------------------------------------------------------- NaN / inf loss
 def inject_nonfinite_loss(monkeypatch, at_call: int, value: float = float("nan")) -> None:
     """Make the model's `at_call`-th training forward return a non-finite loss (test-only, no hook in the product)."""
-    from modeling import CNCModel
+    from cnc_hf.modeling import CNCModel
 
     forward, calls = CNCModel.forward, {"n": 0}
 
@@ -226,7 +226,7 @@ def test_a_nonfinite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_
 
 
 def test_nonfinite_weights_are_never_saved():
-    from modeling import CNCModel
+    from cnc_hf.modeling import CNCModel
 
     model = CNCModel(tiny_cnc_config())
     train.check_finite_weights(model, epoch=0)
@@ -240,8 +240,7 @@ TWO_PROCESS_NAN = """
     import sys, types
     import torch
     from accelerate import Accelerator
-    sys.path.insert(0, {repo!r})
-    from training.train import LOSS_NAMES, TrainingDivergedError, train_one_epoch
+    from cnc_hf_train.train import LOSS_NAMES, TrainingDivergedError, train_one_epoch
 
     class Tiny(torch.nn.Module):  # stands in for CNCModel: returns its losses like CNCOutput does
         def __init__(self):
@@ -272,7 +271,7 @@ def test_a_nonfinite_loss_on_one_process_stops_every_process(tmp_path):
     from test_train import _free_port
 
     script = tmp_path / "nan_ddp.py"
-    script.write_text(textwrap.dedent(TWO_PROCESS_NAN.format(repo=str(REPO_ROOT))))
+    script.write_text(textwrap.dedent(TWO_PROCESS_NAN.format()))
     # The two processes are started directly with the variables a launcher would set (no launcher process to
     # import torch a third time on a small machine); Accelerator(cpu=True) then joins them with gloo.
     port, processes = str(_free_port()), []
@@ -315,8 +314,8 @@ def test_a_malicious_pickle_never_runs(tmp_path, tiny_clip_dir):
     from transformers import pipeline
 
     from cnc_hf.pipeline import save_model_dir
-    from modeling import CNCModel
-    from modeling.image_processing_cnc import CNCImageProcessor
+    from cnc_hf.modeling import CNCModel
+    from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
 
     marker = tmp_path / "code_ran"
     # A saved CNC model whose safetensors file was swapped for a pickle.
@@ -345,7 +344,7 @@ def test_a_malicious_pickle_never_runs(tmp_path, tiny_clip_dir):
 
 def test_a_plain_tensor_pickle_clip_checkpoint_still_loads(tmp_path, tiny_clip_dir):
     """Many CLIP checkpoints ship pytorch_model.bin; plain tensors pass torch.load(weights_only=True)."""
-    from modeling import CNCModel
+    from cnc_hf.modeling import CNCModel
 
     clip_dir = tmp_path / "clip_bin"
     clip_dir.mkdir()
@@ -359,7 +358,7 @@ def test_a_plain_tensor_pickle_clip_checkpoint_still_loads(tmp_path, tiny_clip_d
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
-    from modeling import CNCModel
+    from cnc_hf.modeling import CNCModel
 
     path = tmp_path_factory.mktemp("saved") / "cnc"
     torch.manual_seed(0)
@@ -377,7 +376,7 @@ EDITS = {  # config.json edit -> a tensor the error must name
 
 @pytest.mark.parametrize("field", sorted(EDITS))
 def test_a_config_that_does_not_match_the_weights_names_the_tensor(field, tmp_path, saved_model):
-    from modeling import CNCModel
+    from cnc_hf.modeling import CNCModel
 
     model_dir = tmp_path / "cnc"
     shutil.copytree(saved_model, model_dir)
@@ -390,7 +389,7 @@ def test_a_config_that_does_not_match_the_weights_names_the_tensor(field, tmp_pa
 
 
 def test_weights_the_config_needs_but_the_file_lacks_are_named(tmp_path):
-    from modeling import CNCModel
+    from cnc_hf.modeling import CNCModel
 
     model_dir = tmp_path / "no_moe"
     CNCModel(tiny_cnc_config(use_moe=False)).save_pretrained(model_dir)
@@ -402,7 +401,7 @@ def test_weights_the_config_needs_but_the_file_lacks_are_named(tmp_path):
 
 
 def test_a_matching_model_and_a_truncated_weights_file(tmp_path, saved_model):
-    from modeling import CNCModel
+    from cnc_hf.modeling import CNCModel
 
     model, info = CNCModel.from_pretrained(saved_model, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))

@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO_ROOT
 from train_fixtures import write_mvtec_layout
-from training import train
-from training.checkpointing import META_NAME, latest_checkpoint, list_checkpoints
+from cnc_hf_train import train
+from cnc_hf_train.checkpointing import META_NAME, latest_checkpoint, list_checkpoints
 
 TRAINED_FILES = ("model.safetensors", "config.json", "preprocessor_config.json", "modeling_cnc.py",
                  "configuration_cnc.py", "image_processing_cnc.py", "README.md", "metrics.json", "metrics.md",
@@ -141,7 +141,7 @@ def test_output_dir_is_a_finished_model(trained_run, tiny_data):
 
 
 def test_output_dir_loads_and_keeps_the_threshold(trained_run):
-    from modeling import CNCModel
+    from cnc_hf.modeling import CNCModel
 
     out, summary = trained_run
     model = CNCModel.from_pretrained(out, dtype=torch.float32)
@@ -210,9 +210,9 @@ def test_feature_cache_gives_the_same_losses_and_weights(tmp_path, tiny_data, ti
 
 
 def test_feature_cache_on_disk_is_reused(tmp_path, tiny_clip_dir):
-    from training.feature_cache import FeatureCache
+    from cnc_hf_train.feature_cache import FeatureCache
 
-    from modeling import CNCModel
+    from cnc_hf.modeling import CNCModel
 
     model = CNCModel.from_clip_pretrained(tiny_clip_dir, image_size=32)
     pixels = torch.randn(5, 3, 32, 32)
@@ -269,8 +269,8 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
     from accelerate import Accelerator
 
     from conftest import tiny_cnc_config
-    from modeling import CNCModel
-    from training import checkpointing
+    from cnc_hf.modeling import CNCModel
+    from cnc_hf_train import checkpointing
 
     def make():
         torch.manual_seed(0)
@@ -368,8 +368,8 @@ def test_training_learns_to_separate_noise_blobs(tmp_path, tiny_clip_dir):
 
     from cnc_hf.data import load_anomaly_dataset
     from cnc_hf.evaluation import evaluate_model
-    from modeling import CNCModel
-    from modeling.image_processing_cnc import CNCImageProcessor
+    from cnc_hf.modeling import CNCModel
+    from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
 
     data = write_mvtec_layout(tmp_path / "data", n_train=12, n_test_good=6, n_test_bad=6, seed=1)
     set_seed(0)
@@ -421,7 +421,7 @@ def test_two_cpu_processes_train_and_evaluate_every_test_image_once(tmp_path, ti
 
 
 def test_shards_cover_the_set_with_equal_lengths_and_orders_are_reproducible():
-    from training.sharding import ShardSampler, batches, shard_indices
+    from cnc_hf_train.sharding import ShardSampler, batches, shard_indices
 
     shards = [shard_indices(9, rank, 2) for rank in range(2)]
     assert [len(s) for s in shards] == [5, 5]  # padded by wrapping around, like DistributedSampler

@@ -13,7 +13,15 @@ if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# cnc-hf is not installed there: lay the repository out under its installed names (cnc_hf,
+# cnc_hf.modeling, cnc_hf.model_cards, cnc_hf_train) with symbolic links, as pyproject.toml maps them.
+layout="${TMPDIR:-/tmp}/cnc_hf_layout"
+rm -rf "$layout" && mkdir -p "$layout/cnc_hf"
+for entry in "$PWD"/cnc_hf/*; do ln -s "$entry" "$layout/cnc_hf/"; done
+ln -s "$PWD/modeling" "$layout/cnc_hf/modeling"
+ln -s "$PWD/model_cards" "$layout/cnc_hf/model_cards"
+ln -s "$PWD/training" "$layout/cnc_hf_train"
+export PYTHONPATH="$layout${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 out="${OUT:-bench_out}"
 # Overridable for a dry run on a CPU machine: SHAPE=tiny DEVICE=cpu DTYPE=float32 EXTRA="--image_size 64" bash ...
 shape="${SHAPE:-vit-l-14}" device="${DEVICE:-cuda}" dtype="${DTYPE:-bfloat16}" extra="${EXTRA:-}"
@@ -21,8 +29,8 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" >> "$out/gpu.txt"; cat "$out/gpu.txt"
 status=0
-python3 -m training.benchmark --shape "$shape" --device "$device" --dtype "$dtype" --repeats 5 --skip epochs metrics \
+python3 -m cnc_hf_train.benchmark --shape "$shape" --device "$device" --dtype "$dtype" --repeats 5 --skip epochs metrics \
     $extra --output "$out/benchmark_${device}_${shape}_${dtype}.json" 2>&1 | tee "$out/benchmark.log" || status=1
-python3 -m training.benchmark --shape "$shape" --device "$device" --dtype "$dtype" --skip inference pipeline training metrics \
+python3 -m cnc_hf_train.benchmark --shape "$shape" --device "$device" --dtype "$dtype" --skip inference pipeline training metrics \
     --epoch_images 48 $extra --output "$out/benchmark_${device}_${shape}_${dtype}_epochs.json" 2>&1 | tee "$out/epochs.log" || status=1
 exit $status

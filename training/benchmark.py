@@ -1,8 +1,8 @@
 """Speed and memory of CNC, each figure measured side by side with its floor in one run.
 
-    python -m training.benchmark                           # ViT-B/16 at 224 on the CPU
-    python -m training.benchmark --shape vit-l-14 --device cuda --dtype bfloat16
-    python -m training.benchmark --output bench.json --skip metrics
+    python -m cnc_hf_train.benchmark                           # ViT-B/16 at 224 on the CPU
+    python -m cnc_hf_train.benchmark --shape vit-l-14 --device cuda --dtype bfloat16
+    python -m cnc_hf_train.benchmark --output bench.json --skip metrics
 
 Random CLIP weights of real shapes (speed does not depend on the values):
 1. inference images/s of CNCModel vs the CLIP vision tower alone (`get_image_features`, the
@@ -129,13 +129,11 @@ def run_memory_pass(args) -> dict:
     skip = sorted(set(args.skip) | {"epochs", "metrics"})
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "memory.json"
-        command = [sys.executable, "-m", "training.benchmark", "--shape", args.shape, "--image_size", str(args.image_size),
-                   "--device", args.device, "--dtype", args.dtype, "--train_batch", str(args.train_batch),
+        command = [sys.executable, "-m", "cnc_hf_train.benchmark", "--shape", args.shape,
+                   "--image_size", str(args.image_size), "--device", args.device, "--dtype", args.dtype, "--train_batch", str(args.train_batch),
                    "--pipeline_images", str(args.pipeline_images), "--repeats", "1", "--skip", *skip,
                    "--output", str(out)]
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "CNC_BENCH_MEMORY_PASS": "1",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
-                                                           os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "CNC_BENCH_MEMORY_PASS": "1"}
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode != 0:  # keep the timings already taken; the peaks stay unknown ("-")
             import warnings
@@ -209,7 +207,7 @@ def bench_pipeline(model, args, device) -> dict:
     from transformers import pipeline
 
     import cnc_hf  # noqa: F401  (registers the task)
-    from modeling.image_processing_cnc import CNCImageProcessor
+    from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
 
     rng = np.random.default_rng(0)
     processor = CNCImageProcessor(size=args.image_size)
@@ -236,7 +234,7 @@ def bench_pipeline(model, args, device) -> dict:
 
 def bench_training(model, args, device, autocast) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
-    from training.train import make_optimizer
+    from cnc_hf_train.train import make_optimizer
 
     optimizer = make_optimizer(params, lr=1e-3, device_type=device.type)
     batch = args.train_batch
@@ -299,7 +297,7 @@ def bench_epochs(args, device) -> dict:
     from transformers.utils import logging as hf_logging
 
     from cnc_hf.data import make_demo_dataset
-    from training.train import main as train_main
+    from cnc_hf_train.train import main as train_main
 
     per_category = max(1, args.epoch_images // 3)  # the demo has 3 categories
     with tempfile.TemporaryDirectory() as tmp:
@@ -377,7 +375,7 @@ def format_report(result: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.benchmark", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m cnc_hf_train.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="vit-b-16", help="CLIP shape (default: %(default)s)")
     parser.add_argument("--image_size", type=int, default=224, help="input size (the paper: 224)")
@@ -401,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    from modeling import CNCConfig, CNCModel
+    from cnc_hf.modeling import CNCConfig, CNCModel
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -431,7 +429,7 @@ def main(argv=None) -> dict:
     if "epochs" not in args.skip:
         result["epochs"] = bench_epochs(args, device)
     if "metrics" not in args.skip:
-        from training.bench_metrics import run_metrics_benchmark
+        from cnc_hf_train.bench_metrics import run_metrics_benchmark
 
         result["metrics"] = run_metrics_benchmark(n_images=args.metrics_images, size=args.metrics_size)
     report = "" if MEMORY_PASS else format_report(result)

@@ -1,10 +1,13 @@
 """Train CNC (Cross-modal Normality Constraint, AAAI 2025) with Accelerate; the output dir is a finished model.
 
-One GPU, many GPUs or many machines, the same script:
+One GPU, many GPUs or many machines, the same script. Installed, it is the module
+`cnc_hf_train.train` (the repository's `training/` folder), runnable from any folder:
 
-    python training/train.py --dataset mvtec --data_dir /data/mvtec_ad --output_dir out/cnc-mvtec
-    accelerate launch --multi_gpu --num_processes 8 training/train.py --dataset visa --data_dir /data/visa ...
-    accelerate launch --multi_gpu --num_processes 2 training/train.py --cpu ...   (2 CPU processes, gloo)
+    cnc-hf train --dataset mvtec --data_dir /data/mvtec_ad --output_dir out/cnc-mvtec
+    accelerate launch --multi_gpu --num_processes 8 -m cnc_hf_train.train --dataset visa --data_dir /data/visa ...
+    accelerate launch --multi_gpu --num_processes 2 -m cnc_hf_train.train --cpu ...   (2 CPU processes, gloo)
+
+From a clone after `make install` (an editable install), `training/train.py` is the same file.
 
 Defaults are the paper's (Implementation Details): CLIP ViT-L/14@336px at 224x224, Adam,
 lr 1e-3, batch size 8, 250 epochs on MVTec AD / 200 on VisA, theta = 5, gamma = 0.1,
@@ -51,9 +54,6 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script (`accelerate launch training/train.py`): make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 import torch
 
@@ -61,6 +61,7 @@ EPOCH_DEFAULTS = {"mvtec": 250, "visa": 200, "demo": 15}  # the paper's, and a q
 OTHER_DATASET_EPOCHS = 200
 NAMED_DATASETS = ("mvtec", "mvtec_ad", "mvtec-ad", "mvtecad", "visa", "demo")
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # package data of cnc_hf_train (`--config_file` of accelerate)
 DEFAULT_DEMO_DIR = "data/cnc_demo"
 LOSS_NAMES = ("loss", "loss_distill", "loss_constraint", "loss_moe", "loss_c1", "loss_c2")
 # Flags that define a run: resuming with other values would silently mix two different trainings.
@@ -92,9 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     intro, _, rest = __doc__.partition("Defaults are the paper's")
     defaults, _, choices = rest.partition("Design choices (also in --help):")
     parser = argparse.ArgumentParser(
-        prog="training/train.py",
+        prog="cnc_hf_train.train",
         description=intro.strip() + "\n\nDefaults are the paper's" + defaults.split("What the output dir")[0].rstrip(),
-        epilog="design choices:" + choices.rstrip(),
+        epilog="design choices:" + choices.rstrip() + f"\n\nAccelerate configs shipped with cnc-hf: {CONFIGS_DIR}",
         formatter_class=_HelpFormatter,
     )
     data = parser.add_argument_group("data")
@@ -196,7 +197,7 @@ def config_overrides(args) -> dict:
     overrides = {"image_size": args.image_size, "theta": args.theta, "gamma": args.gamma, "tau": args.tau,
                  "num_experts": args.num_experts, "moe_top_k": args.moe_top_k, "prompt_length": args.prompt_length,
                  "use_mlf": not args.no_mlf, "use_cnc": not args.no_cnc, "use_moe": not args.no_moe}
-    from modeling import CNCConfig
+    from cnc_hf.modeling import CNCConfig
 
     known = set(CNCConfig().to_dict())
     for item in args.config_override:
@@ -217,7 +218,7 @@ def check_output_dir(args) -> None:
     if out.exists() and not out.is_dir():
         raise TrainingSetupError(f"--output_dir {out} exists and is not a directory")
     if args.resume is not None:
-        from training.checkpointing import CorruptCheckpointError, list_checkpoints, resumable_checkpoint, verify_checkpoint
+        from cnc_hf_train.checkpointing import CorruptCheckpointError, list_checkpoints, resumable_checkpoint, verify_checkpoint
 
         if args.resume == "latest":  # the newest checkpoint whose files load; a corrupt newer one is skipped with a warning
             target = resumable_checkpoint(out)
@@ -261,7 +262,7 @@ def check_clip_model(name: str) -> None:
 def check_model_config(args) -> None:
     """Build the CNCConfig from the CLIP config and the flags (reads config.json only): bad values such as
     --moe_top_k > --num_experts, or an unreachable Hub id, fail here rather than after loading data."""
-    from modeling import CNCConfig
+    from cnc_hf.modeling import CNCConfig
 
     overrides = config_overrides(args)
     try:
@@ -337,7 +338,7 @@ def check_test_split(test) -> None:
 
 # ----------------------------------------------------------------------------- pieces of the run
 def build_model(args):
-    from modeling import CNCModel
+    from cnc_hf.modeling import CNCModel
 
     try:
         return CNCModel.from_clip_pretrained(args.clip_model, **config_overrides(args))
@@ -450,7 +451,7 @@ def check_finite_weights(model, epoch: int) -> None:
 
 def _diverged_message(err: TrainingDivergedError, output_dir: Path) -> str:
     """The error plus where the run can continue from."""
-    from training.checkpointing import latest_checkpoint
+    from cnc_hf_train.checkpointing import latest_checkpoint
 
     last = latest_checkpoint(output_dir)
     keep = (f"the last good checkpoint {last} is kept (continue from it with --resume, e.g. with a lower --lr or "
@@ -470,10 +471,10 @@ def main(argv=None) -> dict:
 
     from cnc_hf.data import make_collate_fn
     from cnc_hf.evaluation import calibrate_threshold, evaluate_model, write_metrics
-    from modeling.image_processing_cnc import CNCImageProcessor
-    from training.checkpointing import load_checkpoint, read_checkpoint_meta, register_trainable_only_hooks, save_checkpoint
-    from training.feature_cache import CACHE_DTYPES, FeatureCache
-    from training.sharding import ShardSampler, batches, shard_indices
+    from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
+    from cnc_hf_train.checkpointing import load_checkpoint, read_checkpoint_meta, register_trainable_only_hooks, save_checkpoint
+    from cnc_hf_train.feature_cache import CACHE_DTYPES, FeatureCache
+    from cnc_hf_train.sharding import ShardSampler, batches, shard_indices
 
     # Everything that can be wrong is checked before the first step (and before any file is written).
     check_dataset_name(args)
@@ -681,6 +682,7 @@ def cli(argv=None) -> int:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 3
     return 0
+
 
 
 if __name__ == "__main__":
