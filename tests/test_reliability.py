@@ -240,7 +240,7 @@ TWO_PROCESS_NAN = """
     import sys, types
     import torch
     from accelerate import Accelerator
-    from cnc_hf_train.train import LOSS_NAMES, TrainingDivergedError, train_one_epoch
+    from cnc_hf_train.train import LOSS_NAMES, TrainingDivergedError, leave_process_group, train_one_epoch
 
     class Tiny(torch.nn.Module):  # stands in for CNCModel: returns its losses like CNCOutput does
         def __init__(self):
@@ -261,6 +261,7 @@ TWO_PROCESS_NAN = """
         train_one_epoch(model, optimizer, accelerator, steps, epoch=0, first_step=10)
     except TrainingDivergedError as err:
         print(f"process {{rank}} stopped: {{err}}", flush=True)
+        leave_process_group()  # what train.py's cli() does before it exits with 3
         sys.exit(3)
     print(f"process {{rank}} did not stop", flush=True)
 """
