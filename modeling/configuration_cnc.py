@@ -19,6 +19,11 @@ OBJECT_TOKEN_IDS = [14115]  # "object"
 DAMAGED_OBJECT_TOKEN_IDS = [13568, 14115]  # "damaged object"
 
 MOE_GATINGS = ("topk_softmax", "softmax_topk")
+PROMOTION_SCALES = ("map", "patch")
+PROMPT_TRAININGS = ("alignment", "all")
+IMPORTANCE_LOSS_FORMS = ("cv2", "literal")
+# What a config.json saved before these fields existed was trained with: it loads with that behaviour.
+LEGACY_DEFAULTS = {"promotion_scale": "patch", "prompt_training": "all"}
 IMAGE_SCORE_REDUCTIONS = ("max", "mean_top1pct")
 
 
@@ -45,6 +50,13 @@ class CNCConfig(PretrainedConfig):
         normal_token_ids / abnormal_token_ids (`list[int]`): BPE ids of "object" and
             "damaged object", the fixed words that end p_n and p_a (Eq. 2-3).
         bos_token_id / eos_token_id (`int`): start and end tokens of the CLIP text encoder.
+        promotion_scale (`str`, defaults to `"map"`): the L2 norm of lambda = 1/||f_i|| in Eq. (5)/(8).
+            `"map"`, the paper's ("f_i, f_i* in R^{HxWxC}"): over each image's whole H x W x C map;
+            `"patch"`: over each patch's own C-vector (a ~sqrt(HW) times larger shift).
+        prompt_training (`str`, defaults to `"alignment"`): which losses train the prompts.
+            `"alignment"`, the paper's ("textual features trained by (4) as anchors to guide feature
+            decoding"): only L_c1 (Eq. 4); the promotion (Eq. 5-8) and L_c2 (Eq. 10) use the text
+            features as fixed anchors (detached). `"all"`: every loss that uses them also moves them.
         tau (`float`, defaults to 0.001): the temperature tau of Eq. (4) and (10).
         gamma (`float`, defaults to 0.1): weight of L_c2 in Eq. (11).
         theta (`int`, defaults to 5): the epoch from which L_c2 joins (Eq. 11).
@@ -54,6 +66,9 @@ class CNCConfig(PretrainedConfig):
             `"topk_softmax"`: softmax over the K largest logits (weights sum to 1, the usual
             sparse gating); `"softmax_topk"`: softmax over all T logits, keep the top K values.
         moe_eps (`float`, defaults to 1e-10): epsilon of the importance loss (Eq. 15).
+        moe_importance_loss (`str`, defaults to `"cv2"`): Eq. (15) as the squared coefficient of
+            variation of the experts' importance (Bengio et al. 2015, which the paper cites), or
+            `"literal"`: the printed formula, R^2 (routed patches squared) times larger.
         expert_mlp_ratio (`float`, defaults to 1.0): hidden width of each expert MLP E_t as a
             multiple of the vision width C (Linear-GELU-Linear).
         noise_std (`float`, defaults to 0.1): std of the Gaussian noise added to the encoded
@@ -62,7 +77,9 @@ class CNCConfig(PretrainedConfig):
         decoder_num_heads (`int`, *optional*): heads of the decoder blocks; defaults to CLIP's.
         decoder_mlp_ratio (`float`, defaults to 4.0): MLP width of the decoder blocks.
         map_smoothing_sigma (`float`, defaults to 4.0): Gaussian blur (pixels, at the input
-            resolution) of the anomaly map of Eq. (17); 0 disables it.
+            resolution) of the anomaly map of Eq. (17), before the image score is taken. An
+            addition of ours (usual in reverse-distillation code; the paper has none): 0 gives the
+            paper's map, as `--protocol paper` does.
         image_score_reduction (`str`, defaults to `"max"`): the image score from the map; the
             paper uses the maximum; `"mean_top1pct"` averages the top 1% of pixels.
         image_size (`int`, defaults to 224): input resolution (the paper resizes to 224x224).
@@ -86,6 +103,8 @@ class CNCConfig(PretrainedConfig):
         abnormal_token_ids: list[int] | None = None,
         bos_token_id: int = CLIP_BOS_TOKEN_ID,
         eos_token_id: int = CLIP_EOS_TOKEN_ID,
+        promotion_scale: str = "map",
+        prompt_training: str = "alignment",
         tau: float = 0.001,
         gamma: float = 0.1,
         theta: int = 5,
@@ -93,6 +112,7 @@ class CNCConfig(PretrainedConfig):
         moe_top_k: int = 2,
         moe_gating: str = "topk_softmax",
         moe_eps: float = 1e-10,
+        moe_importance_loss: str = "cv2",
         expert_mlp_ratio: float = 1.0,
         noise_std: float = 0.1,
         fusion_dropout: float = 0.1,
@@ -121,6 +141,8 @@ class CNCConfig(PretrainedConfig):
         self.abnormal_token_ids = (
             list(abnormal_token_ids) if abnormal_token_ids is not None else list(DAMAGED_OBJECT_TOKEN_IDS)
         )
+        self.promotion_scale = promotion_scale
+        self.prompt_training = prompt_training
         self.tau = tau
         self.gamma = gamma
         self.theta = theta
@@ -128,6 +150,7 @@ class CNCConfig(PretrainedConfig):
         self.moe_top_k = moe_top_k
         self.moe_gating = moe_gating
         self.moe_eps = moe_eps
+        self.moe_importance_loss = moe_importance_loss
         self.expert_mlp_ratio = expert_mlp_ratio
         self.noise_std = noise_std
         self.fusion_dropout = fusion_dropout
@@ -174,6 +197,10 @@ class CNCConfig(PretrainedConfig):
             value = getattr(self, name)
             if value is None or not 0 <= value < text.vocab_size:
                 raise ValueError(f"{name}={value} is outside the text vocabulary [0, {text.vocab_size}).")
+        if self.promotion_scale not in PROMOTION_SCALES:
+            raise ValueError(f"promotion_scale={self.promotion_scale!r}: expected one of {PROMOTION_SCALES}.")
+        if self.prompt_training not in PROMPT_TRAININGS:
+            raise ValueError(f"prompt_training={self.prompt_training!r}: expected one of {PROMPT_TRAININGS}.")
         if not self.tau > 0:
             raise ValueError(f"tau (temperature) must be > 0, got {self.tau}.")
         if self.gamma < 0:
@@ -186,6 +213,8 @@ class CNCConfig(PretrainedConfig):
             raise ValueError(f"moe_top_k (K) must be in [1, num_experts={self.num_experts}], got {self.moe_top_k}.")
         if self.moe_gating not in MOE_GATINGS:
             raise ValueError(f"moe_gating={self.moe_gating!r}: expected one of {MOE_GATINGS}.")
+        if self.moe_importance_loss not in IMPORTANCE_LOSS_FORMS:
+            raise ValueError(f"moe_importance_loss={self.moe_importance_loss!r}: expected one of {IMPORTANCE_LOSS_FORMS}.")
         if self.expert_mlp_ratio <= 0 or self.decoder_mlp_ratio <= 0:
             raise ValueError("expert_mlp_ratio and decoder_mlp_ratio must be > 0.")
         if self.noise_std < 0:
@@ -206,6 +235,13 @@ class CNCConfig(PretrainedConfig):
         patch = vision.patch_size
         if self.image_size < patch or self.image_size % patch:
             raise ValueError(f"image_size={self.image_size} must be a positive multiple of the patch size {patch}.")
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """Load a saved config; one saved before a behaviour switch existed keeps the behaviour it was
+        trained with (LEGACY_DEFAULTS), not today's default."""
+        config_dict = {**LEGACY_DEFAULTS, **config_dict}
+        return super().from_dict(config_dict, **kwargs)
 
     @property
     def vision_hidden_size(self) -> int:

@@ -22,6 +22,7 @@ from .anomaly_map import anomaly_map, gaussian_blur, image_score
 from .configuration_cnc import CNCConfig
 from .decoder import CNCDecoder
 from .fusion import MultiLayerFusion
+from .joint_space import project_to_joint_space
 from .losses import constraint_loss, distillation_loss, normality_alignment_loss
 from .moe import GatedMixtureOfExperts, importance_loss
 from .normality import normality_promotion
@@ -219,10 +220,9 @@ class CNCModel(CNCPreTrainedModel):
         return torch.stack([taps[i] for i in self.config.feature_layers], dim=1)
 
     def to_joint_space(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Visual tokens (..., C) -> CLIP's joint space (..., P), L2-normalised, through CLIP's own
+        """Visual tokens (..., C) -> CLIP's joint space (..., P), L2-normalised, float32, through CLIP's own
         post-layernorm and visual projection (how CLIP maps its CLS token)."""
-        tokens = self.clip.vision_model.post_layernorm(tokens)
-        return nn.functional.normalize(self.clip.visual_projection(tokens), dim=-1)
+        return project_to_joint_space(tokens, self.clip.visual_projection, self.clip.vision_model.post_layernorm)
 
     def text_features(self) -> torch.Tensor:
         """[g_n^i, g_a^i] for every tapped layer: (n, 2, P).
@@ -234,13 +234,19 @@ class CNCModel(CNCPreTrainedModel):
         key = (context._version, context.data_ptr(), context.device, context.dtype)
         if self.training:
             self._text_cache = None
-            return self.prompt_learner(self.clip.text_model, self.clip.text_projection)
+            return self._prompt_features()
         if self._text_cache is None or self._text_cache[0] != key:
             # Plain (non-inference) tensors, so the cache also serves grad-enabled calls later.
             with torch.inference_mode(False), torch.no_grad():
-                features = self.prompt_learner(self.clip.text_model, self.clip.text_projection)
+                features = self._prompt_features()
             self._text_cache = (key, features)
         return self._text_cache[1]
+
+    def _prompt_features(self) -> torch.Tensor:
+        # Outside autocast: 2n short prompts cost little next to a batch of images, and at tau = 0.001 a g_n
+        # rounded to bf16 would move every logit of Eq. (4)/(10) by ~1 (measured: L_c1 250.3 -> 249.1).
+        with torch.autocast(device_type=self.prompt_learner.context.device.type, enabled=False):
+            return self.prompt_learner(self.clip.text_model, self.clip.text_projection)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -296,16 +302,19 @@ class CNCModel(CNCPreTrainedModel):
         f_hat_star = [f[:, 1:] for f in decoded]
         if self.prompt_learner is not None:
             g = self.text_features()  # (n, 2, P)
+            # "alignment" (the paper): the prompts are "trained by (4)" and serve the rest "as anchors".
+            anchors = g.detach() if self.config.prompt_training == "alignment" else g
+            scale = self.config.promotion_scale
             with torch.no_grad():
                 enc_joint = torch.stack([self.to_joint_space(f) for f in encoded], dim=1)  # (B, n, 1+L, P)
             dec_joint = torch.stack([self.to_joint_space(f) for f in decoded], dim=1)
-            f_star = [normality_promotion(f_star[i], enc_joint[:, i, 1:], g[i, 0], g[i, 1]) for i in range(len(encoded))]
-            f_hat_star = [
-                normality_promotion(f_hat_star[i], dec_joint[:, i, 1:], g[i, 0], g[i, 1]) for i in range(len(decoded))
-            ]
+            f_star = [normality_promotion(f_star[i], enc_joint[:, i, 1:], anchors[i, 0], anchors[i, 1], scale)
+                      for i in range(len(encoded))]
+            f_hat_star = [normality_promotion(f_hat_star[i], dec_joint[:, i, 1:], anchors[i, 0], anchors[i, 1], scale)
+                          for i in range(len(decoded))]
             if self.training:
                 loss_c1 = normality_alignment_loss(enc_joint[:, :, 0], g, self.config.tau)  # Eq. (4)
-                loss_c2 = normality_alignment_loss(dec_joint[:, :, 0], g, self.config.tau)  # Eq. (10)
+                loss_c2 = normality_alignment_loss(dec_joint[:, :, 0], anchors, self.config.tau)  # Eq. (10)
 
         if self.training:
             zero = f_star[0].new_zeros((), dtype=torch.float32)
@@ -314,7 +323,7 @@ class CNCModel(CNCPreTrainedModel):
                 constraint_loss(loss_c1, loss_c2, epoch, self.config.theta, self.config.gamma)
                 if loss_c1 is not None else zero
             )
-            loss_moe = importance_loss(gates, self.config.moe_eps) if gates is not None else zero
+            loss_moe = importance_loss(gates, self.config.moe_eps, self.config.moe_importance_loss) if gates is not None else zero
             output = CNCOutput(
                 loss=loss_distill + loss_constraint + loss_moe,  # Eq. (16)
                 loss_distill=loss_distill, loss_constraint=loss_constraint, loss_moe=loss_moe,
@@ -359,7 +368,7 @@ def _weights_error(source, err: Exception) -> Exception:
 def _check_weights_match_config(model, info: dict, source) -> None:
     """Raise a ValueError naming every tensor where config.json and the weights file disagree."""
     problems = [f"{key}: shape {list(saved)} in the weights, {list(built)} from config.json"
-                for key, saved, built in info.get("mismatched_keys", [])]
+                for key, saved, built in sorted(info.get("mismatched_keys", []))]  # sorted: the same message each run
     problems += [f"{key}: in the weights but config.json builds no such tensor"
                  for key in sorted(info.get("unexpected_keys", [])) if not key.startswith("clip.")]
     missing = set(info.get("missing_keys", []))

@@ -42,16 +42,29 @@ def route_top_k(logits: torch.Tensor, top_k: int, gating: str = "topk_softmax"):
     return gates, indices, weights
 
 
-def importance_loss(gates: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    r"""Eq. (15): L_moe = SD(I)^2 / (mean(I)^2 + eps) with I = sum_r G(z_r) in R^T.
+IMPORTANCE_LOSS_FORMS = ("cv2", "literal")
 
-    The squared coefficient of variation of the experts' importance (Bengio et al. 2015). The
-    paper writes the denominator as the per-patch mean; the ratio is the same up to eps,
-    since R cancels. SD is the population standard deviation over the T experts, so T = 1
-    gives 0 rather than NaN.
+
+def importance_loss(gates: torch.Tensor, eps: float = 1e-10, form: str = "cv2") -> torch.Tensor:
+    r"""Eq. (15), the importance loss over I = sum_r G(z_r) in R^T (R routed patches, T experts).
+
+    The paper writes L_moe = SD(sum_r G(z_r))^2 / ((1/R sum_r G(z_r))^2 + eps) and cites it as "a
+    universal importance loss (Bengio et al. 2015)", i.e. the squared coefficient of variation.
+    `"cv2"` (default): SD(I)^2 / (mean_t(I)^2 + eps), that squared coefficient of variation,
+    the same whatever the batch size. `"literal"`: the formula as printed, its T-vector
+    denominator (1/R) I read as a scalar through its mean over the experts; it equals R^2 times
+    `"cv2"` (R = B*H*W, ~2000 at batch 8 on 16x16 patches), so it would outweigh every other
+    loss by ~10^6 and change with the batch size. SD is the population standard deviation over
+    the T experts, so T = 1 gives 0 rather than NaN.
     """
     importance = gates.float().sum(dim=0)
-    return importance.var(correction=0) / (importance.mean() ** 2 + eps)
+    if form == "cv2":
+        mean = importance.mean()
+    elif form == "literal":
+        mean = (importance / gates.shape[0]).mean()
+    else:
+        raise ValueError(f"importance loss form {form!r}: expected one of {IMPORTANCE_LOSS_FORMS}")
+    return importance.var(correction=0) / (mean**2 + eps)
 
 
 class GatedMixtureOfExperts(nn.Module):

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
+from .joint_space import project_to_joint_space
+
 
 class CNCPromptLearner(nn.Module):
     r"""One learnable prompt pair per tapped layer i (Eq. 2-3):
@@ -41,7 +43,7 @@ class CNCPromptLearner(nn.Module):
         return torch.tensor(rows, device=device), torch.tensor(eot, device=device)
 
     def forward(self, text_model: nn.Module, text_projection: nn.Module) -> torch.Tensor:
-        """Text features G(p) of every prompt: (num_layers, 2, projection_dim), L2-normalised.
+        """Text features G(p) of every prompt: (num_layers, 2, projection_dim), L2-normalised, float32.
 
         Index [i, 0] is g_n^i and [i, 1] is g_a^i. Gradients reach `context` through the frozen
         text encoder.
@@ -57,5 +59,4 @@ class CNCPromptLearner(nn.Module):
         hidden = text_model.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
         hidden = text_model.final_layer_norm(hidden)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), eot.repeat(num_layers)]
-        features = text_projection(pooled)
-        return nn.functional.normalize(features, dim=-1).reshape(num_layers, 2, -1)
+        return project_to_joint_space(pooled, text_projection).reshape(num_layers, 2, -1)

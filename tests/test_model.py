@@ -84,7 +84,7 @@ def test_control_coefficient_and_promotion_by_hand():
     # Eq. (5)/(7): one patch f = (3, 4) (||f|| = 5), joint feature (1, 0), g_n = (1, 0), g_a = (0, 1)
     f = torch.tensor([[[3.0, 4.0]]])
     joint = torch.tensor([[[1.0, 0.0]]])
-    out = normality_promotion(f, joint, torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))
+    out = normality_promotion(f, joint, torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), scale="patch")
     psi = (1 + math.tanh(1.0 - 0.0)) / 2  # alpha = 1, beta = 0
     assert torch.allclose(out, torch.tensor([[[3 + psi / 5, 4 + psi / 5]]]))
     # bf16 features (as under autocast): f = (300, 400), the shift psi/500 ~ 0.0015 is far below bf16's

@@ -27,6 +27,11 @@ Design choices (also in --help):
   test label is used (the paper reports threshold-free metrics only). 0.99 aims at ~1% false alarms
   on normal images and, unlike the max, is not set by one odd image. Stored as `config.threshold`
   (the pipeline's yes/no: score >= threshold); method and test precision/recall in metrics.json.
+- `--protocol practical` (default) differs from the paper's protocol in three named ways, each for a
+  decision a user acts on: the calibration hold-out above, a Gaussian blur of the map (sigma 4, usual in
+  reverse-distillation code) before the max that gives the image score, and `--batch_size` per
+  process (N GPUs train with 8N). `--protocol paper` undoes all three: every training image
+  trains, the map is Eq. (17) unblurred, 8 images per step in all; no threshold is calibrated.
 - `--cache_features`: the frozen encoder's tapped features are computed once per training image
   (training/feature_cache.py). Exact, because CLIP is frozen and there is no augmentation.
   `--cache_dtype float16` (default) halves the memory; float32 reproduces the uncached losses.
@@ -67,7 +72,12 @@ LOSS_NAMES = ("loss", "loss_distill", "loss_constraint", "loss_moe", "loss_c1", 
 # Flags that define a run: resuming with other values would silently mix two different trainings.
 RUN_IDENTITY_FLAGS = ("dataset", "categories", "clip_model", "image_size", "lr", "seed", "calibration_fraction",
                       "max_train_samples", "tau", "gamma", "theta", "num_experts", "moe_top_k", "prompt_length",
-                      "no_mlf", "no_cnc", "no_moe", "config_override", "batch_size")
+                      "no_mlf", "no_cnc", "no_moe", "config_override", "batch_size", "protocol",
+                      "promotion_scale", "prompt_training")
+# What a checkpoint written before these flags existed was trained with (see CNCConfig.LEGACY_DEFAULTS).
+LEGACY_RUN_FLAGS = {"protocol": "practical", "promotion_scale": "patch", "prompt_training": "all"}
+# --protocol paper: the paper's Implementation Details as closely as this code can follow them.
+PAPER_PROTOCOL = "all training images train (no calibration hold-out), no map blur, batch 8 in all (not per process)"
 
 
 class TrainingSetupError(ValueError):
@@ -124,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--num_experts", type=int, default=5, help="T, experts of the gated MoE")
     model.add_argument("--moe_top_k", type=int, default=2, help="K, experts per patch")
     model.add_argument("--prompt_length", type=int, default=12, help="M, learnable tokens per prompt")
+    model.add_argument("--promotion_scale", choices=["map", "patch"], default="map",
+                       help="lambda = 1/||f_i|| of Eq. (5)/(8) over each image's whole HxWxC map (the paper) or "
+                            "over each patch (a ~sqrt(HW)x larger shift)")
+    model.add_argument("--prompt_training", choices=["alignment", "all"], default="alignment",
+                       help="the prompts learn from L_c1 (Eq. 4) only and are fixed anchors elsewhere (the paper), "
+                            "or from every loss that uses them")
     model.add_argument("--no_mlf", action="store_true", help="ablation: no multi-layer fusion")
     model.add_argument("--no_cnc", action="store_true", help="ablation: no cross-modal normality constraint")
     model.add_argument("--no_moe", action="store_true", help="ablation: no gated mixture of experts")
@@ -132,12 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "e.g. --config_override noise_std=0.05")
 
     train = parser.add_argument_group("training")
+    train.add_argument("--protocol", choices=["practical", "paper"], default="practical",
+                       help=f"paper: {PAPER_PROTOCOL}; the model then has no decision threshold (the paper reports "
+                            "threshold-free metrics). practical: hold out --calibration_fraction to calibrate the "
+                            "threshold, Gaussian-blur the map (sigma 4), --batch_size per process")
     train.add_argument("--output_dir", required=True, help="where the finished model, logs and checkpoints go")
     train.add_argument("--overwrite_output_dir", action="store_true",
                        help="train into an output dir that holds another run (its checkpoints are deleted)")
     train.add_argument("--epochs", type=int, default=None,
                        help="default: 250 for mvtec, 200 for visa (the paper), 15 for demo, 200 otherwise")
-    train.add_argument("--batch_size", type=int, default=8, help="images per process per step (the paper: 8)")
+    train.add_argument("--batch_size", type=int, default=8,
+                       help="images per process per step (the paper: 8 on one GPU); with --protocol paper, per "
+                            "step over all processes")
     train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (the paper: 0.001)")
     train.add_argument("--seed", type=int, default=0, help="seed of initialisation, hold-out split and data order")
     train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
@@ -183,6 +205,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise TrainingSetupError("--save_every, --num_workers and --heatmaps must be >= 0")
     if args.report_to == "tensorboard" and not _has_tensorboard():
         raise TrainingSetupError("--report_to tensorboard needs the tensorboard package (pip install tensorboard)")
+    if args.protocol == "paper":
+        args.calibration_fraction = 0.0
     key = str(args.dataset).lower()
     if args.epochs is None:
         default_key = "mvtec" if key.startswith("mvtec") else key
@@ -192,11 +216,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def per_process_batch(args, world: int) -> None:
+    """--protocol paper: --batch_size is the batch of one step over all processes (the paper's 8), so each of
+    `world` processes takes batch_size / world; args.batch_size becomes that per-process share."""
+    if args.protocol != "paper" or world == 1:
+        return
+    if args.batch_size % world:
+        raise TrainingSetupError(f"--protocol paper: --batch_size {args.batch_size} is the batch over all processes "
+                                 f"and must be divisible by the {world} processes")
+    args.batch_size //= world
+
+
 def config_overrides(args) -> dict:
     """CNCConfig fields from the flags."""
     overrides = {"image_size": args.image_size, "theta": args.theta, "gamma": args.gamma, "tau": args.tau,
                  "num_experts": args.num_experts, "moe_top_k": args.moe_top_k, "prompt_length": args.prompt_length,
-                 "use_mlf": not args.no_mlf, "use_cnc": not args.no_cnc, "use_moe": not args.no_moe}
+                 "use_mlf": not args.no_mlf, "use_cnc": not args.no_cnc, "use_moe": not args.no_moe,
+                 "promotion_scale": args.promotion_scale, "prompt_training": args.prompt_training}
+    if args.protocol == "paper":
+        overrides["map_smoothing_sigma"] = 0.0  # Eq. (17) and "the maximum score of the pixel-level anomaly map"
     from cnc_hf.modeling import CNCConfig
 
     known = set(CNCConfig().to_dict())
@@ -491,8 +529,10 @@ def main(argv=None) -> dict:
     )
     main_process = accelerator.is_main_process
     show = accelerator.is_local_main_process and not args.no_progress
+    per_process_batch(args, accelerator.num_processes)
     if args.resume:
         previous = read_checkpoint_meta(args.resume).get("args", {})
+        previous = {**LEGACY_RUN_FLAGS, **previous} if previous else previous
         changed = {k: (previous.get(k), getattr(args, k)) for k in RUN_IDENTITY_FLAGS
                    if k in previous and previous[k] != _jsonable(getattr(args, k))}
         if changed:
