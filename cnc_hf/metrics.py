@@ -241,13 +241,18 @@ def _label_regions(masks: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- inputs
 
 
-def _to_numpy(x: Any) -> np.ndarray:
+def _to_numpy(x: Any, name: str = "input") -> np.ndarray:
     """numpy view of a numpy array, list or torch tensor (without importing torch)."""
     if hasattr(x, "detach") and hasattr(x, "cpu"):
         x = x.detach().cpu()
         if x.is_floating_point() and x.element_size() < 4:  # numpy has no bfloat16
             x = x.float()
         x = x.numpy()
+    if isinstance(x, (list, tuple)):
+        shapes = {np.shape(item) for item in x}
+        if len(shapes) > 1:  # numpy's own message ("inhomogeneous shape") names no argument
+            raise ValueError(f"{name}: entries of different shapes {sorted(shapes)[:4]}; resize them to one size "
+                             "(e.g. the masks' size) before computing metrics")
     return np.asarray(x)
 
 
@@ -276,8 +281,10 @@ def _squeeze_channel(x: np.ndarray) -> np.ndarray:
 
 
 def _validate(image_scores, image_labels, anomaly_maps, masks, categories, category_names):
-    scores = _to_numpy(image_scores)
-    labels = _to_numpy(image_labels)
+    scores = _to_numpy(image_scores, "image_scores")
+    labels = _to_numpy(image_labels, "image_labels")
+    if scores.size == 0:
+        raise ValueError("image_scores is empty: metrics need at least one normal and one anomalous image.")
     if scores.ndim != 1 or labels.ndim != 1 or scores.shape != labels.shape:
         raise ValueError(
             "image_scores and image_labels must be 1-D of the same length, got shapes "
@@ -289,8 +296,8 @@ def _validate(image_scores, image_labels, anomaly_maps, masks, categories, categ
     if (anomaly_maps is None) != (masks is None):
         raise ValueError("anomaly_maps and masks go together: pass both or neither.")
     if anomaly_maps is not None:
-        maps = _squeeze_channel(_to_numpy(anomaly_maps))
-        masks = _squeeze_channel(_to_numpy(masks))
+        maps = _squeeze_channel(_to_numpy(anomaly_maps, "anomaly_maps"))
+        masks = _squeeze_channel(_to_numpy(masks, "masks"))
         if maps.ndim != 3 or maps.shape != masks.shape or maps.shape[0] != scores.shape[0]:
             raise ValueError(
                 "anomaly_maps and masks must both be (N, H, W) (or (N, 1, H, W)) with N = len(image_scores) "

@@ -179,8 +179,9 @@ class CNCConfig(PretrainedConfig):
                     f"feature_layers={self.feature_layers}: each tapped layer must be an int in [1, {depth}] "
                     f"(the vision tower has {depth} layers, 1-indexed)."
                 )
-        if list(self.feature_layers) != sorted(self.feature_layers):
-            raise ValueError(f"feature_layers={self.feature_layers} must be in increasing depth order.")
+        if any(a >= b for a, b in zip(self.feature_layers, self.feature_layers[1:])):
+            raise ValueError(f"feature_layers={self.feature_layers} must be in strictly increasing depth order "
+                             "(each tapped layer once).")
         if self.prompt_length < 1:
             raise ValueError(f"prompt_length must be >= 1, got {self.prompt_length}.")
         for name in ("normal_token_ids", "abnormal_token_ids"):

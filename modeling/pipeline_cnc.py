@@ -198,6 +198,12 @@ class AnomalyMapPipeline(Pipeline):
     def __init__(self, model, image_processor=None, **kwargs):
         if image_processor is None and kwargs.get("feature_extractor") is None:
             image_processor = CNCImageProcessor(size=model.config.image_size)
+        size = getattr(image_processor, "size", None)
+        if isinstance(size, int) and size != model.config.image_size:
+            raise ValueError(
+                f"the image processor resizes to {size} px (preprocessor_config.json `size`) but the model was "
+                f"trained at {model.config.image_size} px (config.json `image_size`); make them equal"
+            )
         kwargs.setdefault("task", TASK)
         super().__init__(model=model, image_processor=image_processor, **kwargs)
         self.model.eval()  # train mode returns losses, not maps

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +92,56 @@ def test_predict_writes_heat_maps_and_scores_like_the_pipeline(tmp_path, capsys)
         assert (out / f"{path.stem}_heatmap.png").is_file()
     with pytest.raises(SystemExit, match="no such image"):
         cli.main(["predict", str(tmp_path / "missing.png"), "--model", str(tmp_path / "model")])
+
+
+def test_predict_never_overwrites_images_that_share_a_name(tmp_path):
+    """MVTec layout: every defect folder has a 000.png. Each gets its own outputs, mirrored below the common
+    folder, and each record points at the heat map of its own image (by score)."""
+    import csv
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from cnc_hf.modeling import CNCModel
+    from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
+    from cnc_hf.pipeline import AnomalyMapPipeline, save_model_dir
+    from conftest import tiny_cnc_config
+
+    torch.manual_seed(0)
+    model = CNCModel(tiny_cnc_config(threshold=0.5)).eval()
+    processor = CNCImageProcessor(size=32)
+    save_model_dir(model, processor, tmp_path / "model")
+    rng = np.random.default_rng(1)
+    data = tmp_path / "data"
+    images = [data / "bottle" / "test" / kind / "000.png" for kind in ("good", "broken", "contamination")]
+    for index, path in enumerate(images):
+        path.parent.mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (24 + 8 * index, 32, 3), dtype=np.uint8)).save(path)
+    out = tmp_path / "pred"
+    pattern = str(data / "*" / "test" / "*" / "000.png")  # a quoted glob, expanded by predict itself
+    assert cli.main(["predict", pattern, "--model", str(tmp_path / "model"), "--output_dir", str(out),
+                     "--batch_size", "2", "--no_progress"]) == 0
+    records = json.loads((out / "predictions.json").read_text())
+    assert len({r["heatmap"] for r in records}) == 3 and len({r["map"] for r in records}) == 3
+    expected = {str(p): r["score"] for p, r in zip(images, AnomalyMapPipeline(model=model, image_processor=processor)(
+        [str(p) for p in images]))}
+    for record in records:
+        assert abs(record["score"] - expected[record["image"]]) < 1e-5
+        kind = Path(record["image"]).parent.name
+        assert record["heatmap"] == str(out / kind / "000_heatmap.png")
+        height = Image.open(record["image"]).size[1]
+        assert np.load(record["map"]).shape[0] == height  # the map of this image, not another's
+        assert record["threshold"] == 0.5
+    with open(out / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["image"] for r in rows] == [r["image"] for r in records]
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 3
+    # A folder, searched recursively, gives the same three images, each once even when named twice.
+    out2 = tmp_path / "pred2"
+    assert cli.main(["predict", str(data / "bottle"), str(images[0]), "--model", str(tmp_path / "model"),
+                     "--output_dir", str(out2), "--no_progress"]) == 0
+    assert sorted(r["image"] for r in json.loads((out2 / "predictions.json").read_text())) == sorted(map(str, images))
+    assert (out2 / "broken" / "000_heatmap.png").is_file()
+    with pytest.raises(SystemExit, match="nothing.png"):
+        cli.main(["predict", str(tmp_path / "nothing.png"), "--model", str(tmp_path / "model")])

@@ -363,3 +363,12 @@ def test_benchmark_smoke():
     result = run_metrics_benchmark(n_images=20, size=32, reference_aupro_check=True)
     assert result["max_abs_diff_vs_sklearn"] < TOL and result["abs_diff_vs_reference_aupro"] < TOL
     assert result["n_categories"] == 5 and "| computation |" in format_benchmark(result)
+
+
+def test_empty_and_ragged_inputs_are_refused_naming_the_argument():
+    with pytest.raises(ValueError, match="image_scores is empty"):
+        compute_anomaly_metrics([], [])
+    maps = [np.zeros((4, 4), np.float32), np.zeros((4, 5), np.float32)]  # two sizes: numpy would say "inhomogeneous"
+    masks = [np.zeros((4, 4), bool), np.zeros((4, 5), bool)]
+    with pytest.raises(ValueError, match=r"anomaly_maps: entries of different shapes"):
+        compute_anomaly_metrics([0.1, 0.9], [0, 1], maps, masks)

@@ -50,6 +50,8 @@ def test_feature_layers_derive_from_depth():
     [
         ({"feature_layers": [1, 2, 5]}, "feature_layers"),
         ({"feature_layers": [0, 1, 2]}, "feature_layers"),
+        ({"feature_layers": [2, 2, 3]}, "each tapped layer once"),  # a repeated layer
+        ({"feature_layers": [3, 2]}, "increasing"),
         ({"moe_top_k": 6}, "moe_top_k"),
         ({"tau": 0.0}, "tau"),
         ({"tau": -1.0}, "tau"),

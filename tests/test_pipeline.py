@@ -256,3 +256,11 @@ def test_remote_code_pipeline_in_a_process_without_the_package(pipe, model_dir, 
         assert tuple(shape) == local["anomaly_map"].shape
         assert mean == pytest.approx(float(local["anomaly_map"].mean()), abs=1e-5)
         assert tuple(size) == local["heatmap"].size
+
+
+def test_a_processor_size_other_than_the_models_is_refused_naming_both(model_dir):
+    from cnc_hf.modeling import CNCModel
+
+    model = CNCModel.from_pretrained(model_dir)
+    with pytest.raises(ValueError, match=r"resizes to 48 px .* trained at 32 px"):
+        AnomalyMapPipeline(model=model, image_processor=CNCImageProcessor(size=48))
