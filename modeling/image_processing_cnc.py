@@ -27,8 +27,13 @@ Input conventions (one rule set for PIL, numpy and torch inputs):
   axis). C is 1 (gray), 2 (gray+alpha), 3 (RGB) or 4 (RGBA). A 4-D array/tensor is a batch.
 - A `str`/`os.PathLike` is a file path: it is opened with PIL and its EXIF orientation applied, as
   `datasets.Image` does when decoding, so a file gives the same pixels as its dataset row.
-- Masks: non-zero means defect (MVTec masks are 0/255, raw VisA masks use 1..N). For colour masks
-  any non-zero colour channel counts. A `None` mask is all zeros (a good image).
+- Masks: one rule, the same as the `mask` column of cnc_hf's datasets (cnc_hf.data.common keeps a
+  copy, since this file cannot import cnc_hf; a test checks that they agree): a pixel is a defect when
+  any of its channels is non-zero. That is the gray value ("1", "L", "I", "I;16", "F"; MVTec masks
+  are 0/255, raw VisA masks use 1..N), the palette index ("P"), any of R, G, B (alpha is ignored);
+  other modes (CMYK, YCbCr, ...) count through their RGB colours. A `None` mask is all zeros (a good
+  image). A mask's EXIF orientation is applied like an image's (a mask PNG rarely has one), so a
+  mask is always compared with its image as both are displayed.
 """
 
 from __future__ import annotations
@@ -215,13 +220,15 @@ def _mask_to_bool(mask: Any, index: int) -> np.ndarray:
     if isinstance(mask, PIL.Image.Image):
         if mask.width == 0 or mask.height == 0:
             raise ValueError(f"{where}: empty mask (size {mask.size}); expected at least 1x1 pixels")
+        if mask.getexif().get(PIL.Image.ExifTags.Base.Orientation) is not None:
+            mask = PIL.ImageOps.exif_transpose(mask)  # as for images (and as datasets.Image decodes masks)
         if mask.mode in ("LA", "PA", "La"):
             return np.asarray(mask)[..., 0] > 0
         if mask.mode in ("RGB", "RGBA", "RGBa", "RGBX"):
             return (np.asarray(mask)[..., :3] > 0).any(axis=-1)
-        if mask.mode not in ("1", "L", "P") + _HIGH_BIT_MODES:
-            mask = mask.convert("L")
-        return np.asarray(mask) > 0
+        if mask.mode in ("1", "L", "P") + _HIGH_BIT_MODES:
+            return np.asarray(mask) > 0
+        return (np.asarray(mask.convert("RGB")) > 0).any(axis=-1)  # CMYK, YCbCr, LAB, HSV: their colours
     array = _array_channels_last(mask, where, "mask", "None, a PIL image")
     if array.size == 0:
         raise ValueError(f"{where}: empty mask (shape {tuple(array.shape)}); expected at least 1x1 pixels")

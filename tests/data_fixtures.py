@@ -130,3 +130,46 @@ def write_csv(path: Path, rows, header=("object", "split", "label", "image", "ma
 def read_csv_rows(path: Path) -> list[list[str]]:
     with open(path, newline="") as handle:
         return list(csv.reader(handle))[1:]
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def save_with_orientation(image: PIL.Image.Image, path: Path, orientation: int, **kwargs) -> None:
+    """Save `image` as stored pixels plus an EXIF orientation tag, as cameras and phones do."""
+    exif = PIL.Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    image.save(path, exif=exif, **kwargs)
+
+
+def move_png_chunk_to_end(path: Path, kind: bytes) -> None:
+    """Move a PNG chunk (e.g. b"eXIf") after the pixel data, just before IEND: the PNG spec allows it,
+    and PIL then finds it only by decoding the image."""
+    data = path.read_bytes()
+    chunks, position = [], 8
+    while position < len(data):
+        length = int.from_bytes(data[position : position + 4], "big")
+        chunks.append(data[position : position + 12 + length])
+        position += 12 + length
+    moved = [c for c in chunks if c[4:8] == kind]
+    assert moved, f"{path} has no {kind!r} chunk"
+    rest = [c for c in chunks if c[4:8] != kind]
+    path.write_bytes(data[:8] + b"".join(rest[:-1] + moved + rest[-1:]))
+
+
+def write_rotated_defect(root: Path, mask_size: tuple[int, int], image_format: str = "JPEG") -> tuple[Path, Path]:
+    """Replace bottle/test/broken_large/000.png of `write_mvtec`'s tree with an image stored 32x24 whose
+    EXIF orientation 6 (rotate 90) displays it 24x32, and its mask with one of `mask_size` (width, height).
+
+    Returns (image path, mask path); the mask marks the top-left 4x4 pixels as displayed.
+    """
+    folder = root / "bottle" / "test" / "broken_large"
+    (folder / "000.png").unlink()
+    suffix = ".jpg" if image_format == "JPEG" else ".png"
+    image = folder / f"000{suffix}"
+    save_with_orientation(PIL.Image.fromarray(image_array("RGB", (32, 24), 7)), image, 6, format=image_format)
+    mask = root / "bottle" / "ground_truth" / "broken_large" / "000_mask.png"
+    pixels = np.zeros((mask_size[1], mask_size[0]), np.uint8)
+    pixels[:4, :4] = 255
+    PIL.Image.fromarray(pixels, "L").save(mask)
+    return image, mask

@@ -1,6 +1,7 @@
 """Datasets: MVTec AD and raw VisA layouts, parquet round trip, the demo set, collation, bad input."""
 
 import collections
+import re
 import shutil
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import PIL.Image
 import PIL.ImageFile
 import pytest
 import torch
-from datasets import ClassLabel, load_dataset
+from datasets import ClassLabel, Image, load_dataset
 from torch.utils.data import DataLoader
 
 from cnc_hf.data import (
@@ -24,9 +25,21 @@ from cnc_hf.data import (
     make_demo_dataset,
 )
 from cnc_hf.data import convert as convert_module
+from cnc_hf.data.common import mask_defect_pixels
 from cnc_hf.data.demo import DEFECT_KINDS, DEMO_CATEGORIES, _texture, apply_defect
-from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
-from data_fixtures import MVTEC_SPEC, VISA_SPEC, read_csv_rows, write_csv, write_mvtec, write_visa
+from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor, _mask_to_bool
+from data_fixtures import (
+    MVTEC_SPEC,
+    VISA_SPEC,
+    mask_array,
+    move_png_chunk_to_end,
+    read_csv_rows,
+    save_with_orientation,
+    write_csv,
+    write_mvtec,
+    write_rotated_defect,
+    write_visa,
+)
 
 
 @pytest.fixture
@@ -224,6 +237,176 @@ def test_mvtec_empty_category_is_reported_not_dropped(mvtec):
     assert categories_of(ds) == ["bottle", "grid"] and len(ds["train"]) == expected["train"]
 
 
+def test_mvtec_category_without_test_folder(mvtec):
+    """A missing test/ folder is a bad entry: named in "error" mode, counted in "skip" mode, where the
+    category's train images still load."""
+    root, _ = mvtec
+    shutil.rmtree(root / "grid" / "test")
+    with pytest.raises(AnomalyDatasetError, match=re.escape(f"missing folder {root / 'grid' / 'test'}")):
+        load_mvtec_ad(root)
+    with pytest.warns(UserWarning, match=re.escape(f"skipped 1 bad file(s):\n  MVTec AD category 'grid': missing "
+                                                   f"folder {root / 'grid' / 'test'}")):
+        ds = load_mvtec_ad(root, on_bad_file="skip")
+    assert counts(ds["train"], "category") == {("bottle",): 3, ("grid",): 2}
+    assert categories_of(ds["test"]) == ["bottle"]
+
+
+def test_mvtec_dangling_symlinks_are_bad_files(mvtec, tmp_path):
+    root, expected = mvtec
+    link = root / "bottle" / "train" / "good" / "009.png"
+    link.symlink_to(tmp_path / "moved" / "009.png")  # a copy made of links whose source moved
+    named = re.escape(f"dangling symbolic link: {link} -> {tmp_path / 'moved' / '009.png'}, which does not exist")
+    with pytest.raises(AnomalyDatasetError, match=named):
+        load_mvtec_ad(root)
+    with pytest.warns(UserWarning, match=r"skipped 1 bad file\(s\):\n  " + named):
+        assert len(load_mvtec_ad(root, on_bad_file="skip")["train"]) == expected["train"]
+
+    # A mask that is a dangling link: one bad entry (not a second one for its image), the image left out.
+    link.unlink()
+    mask = root / "bottle" / "ground_truth" / "broken_large" / "001_mask.png"
+    mask.unlink()
+    mask.symlink_to(tmp_path / "moved" / "001_mask.png")
+    with pytest.raises(AnomalyDatasetError, match=re.escape(f"dangling symbolic link: {mask} -> ")):
+        load_mvtec_ad(root)
+    with pytest.warns(UserWarning, match=r"skipped 1 bad file\(s\):\n  dangling symbolic link") as caught:
+        ds = load_mvtec_ad(root, on_bad_file="skip")
+    assert len(caught) == 1 and len(ds["test"]) == expected["test"] - 1
+    assert str(root / "bottle" / "test" / "broken_large" / "001.png") not in ds["test"]["path"]
+
+
+# ----------------------------------------------------------------------------- EXIF orientation
+
+
+def test_mvtec_exif_rotated_image_with_mask_drawn_as_displayed_loads_and_evaluates(mvtec):
+    """Image stored 32x24 with EXIF orientation 6 (shown 24x32), mask drawn on the shown image: indexing
+    accepts it, decoding gives image and mask of one size, and the processor (evaluation) takes them."""
+    root, expected = mvtec
+    image, mask = write_rotated_defect(root, mask_size=(24, 32))
+    ds = load_mvtec_ad(root)
+    assert len(ds["test"]) == expected["test"]
+    index = ds["test"]["path"].index(str(image))
+    row = ds["test"][index]
+    assert row["image"].size == row["mask"].size == (24, 32)
+    np.testing.assert_array_equal(np.asarray(row["mask"]), np.asarray(PIL.Image.open(mask)))
+    batch = make_collate_fn(CNCImageProcessor(size=16))([ds["test"][i] for i in range(len(ds["test"]))])
+    assert batch["masks"][index].sum() > 0 and batch["labels"][index] == 1
+    from_files = CNCImageProcessor(size=16)(str(image), masks=str(mask))  # a file preprocesses like its row
+    torch.testing.assert_close(from_files["masks"][0], batch["masks"][index])
+    torch.testing.assert_close(from_files["pixel_values"][0], batch["pixel_values"][index])
+
+
+def test_mvtec_mask_of_the_stored_size_of_an_exif_rotated_image_is_refused(mvtec):
+    """A mask that fits only the stored (unrotated) image used to index, train, then crash evaluation
+    naming no file; now indexing refuses it, naming both files and both sizes."""
+    root, expected = mvtec
+    image, mask = write_rotated_defect(root, mask_size=(32, 24))
+    message = re.escape(f"mask {mask} is 32x24 but its image {image} is 24x32 as displayed "
+                        "(EXIF orientation 6 turns the stored 32x24)")
+    with pytest.raises(ValueError, match=message):
+        load_mvtec_ad(root)
+    with pytest.warns(UserWarning, match="skipped 1 bad file"):
+        ds = load_mvtec_ad(root, on_bad_file="skip")
+    assert len(ds["test"]) == expected["test"] - 1 and str(image) not in ds["test"]["path"]
+
+
+def test_png_exif_orientation_after_the_pixel_data_is_read_without_decoding(mvtec, monkeypatch):
+    root, _ = mvtec
+    image, _ = write_rotated_defect(root, mask_size=(24, 32), image_format="PNG")
+    move_png_chunk_to_end(image, b"eXIf")
+    assert "exif" not in PIL.Image.open(image).info  # PIL would have to decode the image to find it
+    decoded = []
+    original = PIL.ImageFile.ImageFile.load
+    monkeypatch.setattr(PIL.ImageFile.ImageFile, "load", lambda self: decoded.append(self.filename) or original(self))
+    ds = load_mvtec_ad(root)
+    assert decoded == []
+    row = ds["test"][ds["test"]["path"].index(str(image))]
+    assert row["image"].size == row["mask"].size == (24, 32)
+
+
+# ----------------------------------------------------------------------------- the mask rule
+
+
+def _defect_region(size):
+    return mask_array(size, 0) > 0
+
+
+MASK_RULE_CASES = {
+    # case: (file suffix, PIL mode, a defect pixel, a background pixel); luminance turns the first four defects into 0
+    "RGB (1, 0, 0)": ("png", "RGB", (1, 0, 0), (0, 0, 0)),
+    "RGBA blue, fully transparent": ("png", "RGBA", (0, 0, 1, 0), (0, 0, 0, 255)),
+    "P index 1 whose colour is black": ("png", "P", 1, 0),
+    "F 0.25": ("tiff", "F", 0.25, 0.0),
+    "I;16 value 1": ("png", "I;16", 1, 0),
+    "LA value 1": ("png", "LA", (1, 0), (0, 255)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MASK_RULE_CASES))
+def test_mask_rule_is_the_same_for_dataset_column_and_processor(mvtec, case):
+    """Non-zero in any channel = defect, for the `mask` column as for CNCImageProcessor: a colour mask
+    with only (1, 0, 0) pixels used to decode as an empty mask, so a defect image was scored against nothing."""
+    root, _ = mvtec
+    suffix, mode, defect, background = MASK_RULE_CASES[case]
+    size = MVTEC_SPEC["bottle"][1]
+    region = _defect_region(size)
+    mask = PIL.Image.new(mode, size, background)
+    if mode == "P":
+        mask.putpalette([0, 0, 0] * 256)  # every index shows black: only the index tells the defect
+    for y, x in zip(*np.nonzero(region)):
+        mask.putpixel((int(x), int(y)), defect)
+    old = root / "bottle" / "ground_truth" / "contamination" / "000_mask.png"
+    old.unlink()
+    path = old.with_suffix(f".{suffix}")
+    mask.save(path)
+    assert PIL.Image.open(path).mode == mode
+
+    ds = load_mvtec_ad(root)
+    index = ds["test"]["path"].index(str(root / "bottle" / "test" / "contamination" / "000.png"))
+    row = ds["test"][index]
+    assert row["mask"].mode == "L"
+    np.testing.assert_array_equal(np.asarray(row["mask"]) > 0, region)
+    processor = CNCImageProcessor(size=32)
+    from_row = processor(row["image"], masks=row["mask"])["masks"]
+    from_file = processor(row["image"], masks=str(path))["masks"]
+    assert from_row.sum() > 0
+    torch.testing.assert_close(from_row, from_file)
+    # Stored: the 0/255 PNG made at index time, with the mask's own path kept; gray masks stay paths.
+    stored = ds["test"].cast_column("mask", Image(decode=False))["mask"]
+    exact = mode in ("LA", "I;16")  # modes whose luminance decoding is already exact
+    assert (stored[index]["bytes"] is None) == exact and stored[index]["path"] == str(path)
+    assert all(value is None or value["bytes"] is None for i, value in enumerate(stored) if i != index)
+
+
+MASK_MODES = ["1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV",
+              "I", "I;16", "I;16L", "I;16B", "I;16N", "F"]
+
+
+@pytest.mark.parametrize("mode", MASK_MODES)
+def test_mask_rule_copies_agree_for_every_pil_mode(mode):
+    """cnc_hf.data.common and the processor (saved as remote code, so it keeps its own copy) decide alike."""
+    rng = np.random.default_rng(len(mode))
+    size = (9, 7)
+    nbytes = len(PIL.Image.new(mode, size).tobytes())
+    data = (rng.integers(0, 4, nbytes) * (rng.random(nbytes) < 0.3)).astype(np.uint8).tobytes()  # mostly 0
+    mask = PIL.Image.frombytes(mode, size, data)
+    if mode in ("P", "PA"):
+        mask.putpalette(rng.integers(0, 256, 768, dtype=np.uint8).tobytes())
+    np.testing.assert_array_equal(mask_defect_pixels(mask), _mask_to_bool(mask, 0))
+
+
+def test_parquet_keeps_colour_masks_by_the_same_rule(mvtec, tmp_path):
+    root, _ = mvtec
+    size = MVTEC_SPEC["grid"][1]
+    region = _defect_region(size)
+    pixels = np.zeros((size[1], size[0], 3), np.uint8)
+    pixels[region] = (1, 0, 0)
+    PIL.Image.fromarray(pixels, "RGB").save(root / "grid" / "ground_truth" / "bent" / "000_mask.png")
+    out = convert_to_parquet(load_mvtec_ad(root, "grid"), tmp_path / "pq", root=root)
+    loaded = load_dataset(str(out), cache_dir=str(tmp_path / "cache"))["test"]
+    row = loaded[loaded["path"].index("grid/test/bent/000.png")]
+    np.testing.assert_array_equal(np.asarray(row["mask"]), region * 255)
+
+
 # ----------------------------------------------------------------------------- VisA
 
 
@@ -319,6 +502,31 @@ def test_visa_anomaly_without_mask_and_missing_files(visa):
     (root / rows[0][3]).unlink()
     with pytest.raises(AnomalyDatasetError, match=f"image not found: {root / rows[0][3]}"):
         load_visa(root)
+
+
+def test_visa_dangling_symlink_names_its_target(visa, tmp_path):
+    root, _ = visa
+    image = root / read_csv_rows(root / "split_csv" / "1cls.csv")[0][3]
+    image.unlink()
+    image.symlink_to(tmp_path / "elsewhere.JPG")
+    with pytest.raises(AnomalyDatasetError, match=re.escape(
+            f"image not found: {image} (a symbolic link to {tmp_path / 'elsewhere.JPG'}, which does not exist)")):
+        load_visa(root)
+
+
+def test_visa_exif_rotated_jpg_with_mask_drawn_as_displayed(visa):
+    root, _ = visa
+    row = next(r for r in read_csv_rows(root / "split_csv" / "1cls.csv") if r[2] == "anomaly")
+    image, mask = root / row[3], root / row[4]
+    width, height = PIL.Image.open(image).size
+    save_with_orientation(PIL.Image.open(image).convert("RGB"), image, 8, format="JPEG")  # rotate 270
+    with pytest.raises(AnomalyDatasetError, match=re.escape(f"mask {mask} is {width}x{height} but its image {image} "
+                                                            f"is {height}x{width} as displayed")):
+        load_visa(root)
+    PIL.Image.open(mask).transpose(PIL.Image.Transpose.ROTATE_90).save(mask)  # drawn on the shown image
+    ds = load_visa(root)
+    loaded = ds["test"][ds["test"]["path"].index(str(image))]
+    assert loaded["image"].size == loaded["mask"].size == (height, width)
 
 
 def test_visa_truncated_jpg(visa):

@@ -158,6 +158,38 @@ def test_exif_orientation_is_applied_like_datasets(tmp_path):
     assert to_rgb_pil(PIL.Image.open(tmp_path / "rot.jpg")).size == (2, 4)
 
 
+def test_mask_exif_orientation_is_applied_like_the_image(tmp_path):
+    """Image and mask files stored 4x2 with EXIF orientation 6 are both shown 2x4: the mask is turned like
+    its image (and like datasets.Image decodes it), instead of being refused as (2, 4) against (4, 2)."""
+    processor = CNCImageProcessor(size=4)
+    stored_mask = np.zeros((2, 4), np.uint8)
+    stored_mask[0, 0] = 255  # the stored top-left pixel: top-right once rotated by 90 degrees
+    for name, image in (("image.png", PIL.Image.new("RGB", (4, 2), (10, 20, 30))),
+                        ("mask.png", PIL.Image.fromarray(stored_mask, "L"))):
+        exif = image.getexif()
+        exif[PIL.Image.ExifTags.Base.Orientation] = 6
+        image.save(tmp_path / name, exif=exif)
+    out = processor(str(tmp_path / "image.png"), masks=str(tmp_path / "mask.png"))
+    shown = np.zeros((4, 2), np.float32)
+    shown[0, 1] = 1.0
+    expected = np.asarray(PIL.Image.fromarray(shown).resize((4, 4), PIL.Image.Resampling.NEAREST))
+    np.testing.assert_array_equal(out["masks"][0].numpy(), expected)
+    opened = processor(PIL.Image.open(tmp_path / "image.png"), masks=PIL.Image.open(tmp_path / "mask.png"))
+    torch.testing.assert_close(opened["masks"], out["masks"])
+
+
+def test_exotic_mode_masks_count_any_colour_channel():
+    """CMYK/YCbCr/... masks count through their RGB colours, like colour masks: a dark red is a defect
+    (it used to go through gray, where a dark enough colour rounds to 0)."""
+    processor = CNCImageProcessor(size=2)
+    mask = PIL.Image.new("RGB", (2, 2))
+    mask.putpixel((0, 0), (2, 0, 0))
+    ycbcr = mask.convert("YCbCr")
+    assert np.asarray(ycbcr.convert("L"))[0, 0] == 0  # gray loses it
+    out = processor(np.zeros((2, 2, 3), np.uint8), masks=ycbcr)["masks"][0]
+    assert out[0, 0] == 1.0
+
+
 def test_large_image_is_resized_before_float(processor):
     # 6000x4000 RGB: a float copy would be ~290 MB; the processor resizes the 8-bit image first.
     big = PIL.Image.new("RGB", (6000, 4000), (30, 60, 90))

@@ -3,32 +3,54 @@
 Schema (one row per image; splits "train" and "test"):
 
     image        datasets.Image(mode="RGB")   decoded lazily from its file; grayscale -> RGB on decode
-    mask         datasets.Image(mode="L")     ground truth, non-zero = defect; None for good images
+    mask         datasets.Image(mode="L")     ground truth, non-zero = defect (see "Masks"); None for good images
     label        ClassLabel(["good", "anomaly"])
     category     string                       product category ("bottle", "pcb1", ...)
     defect_type  string                       "good" or the defect folder name
     path         string                       the source image path
 
-Rows are built from file *paths* (`Dataset.from_dict` with `Image` features stores the path, not the
-bytes), so indexing all of MVTec AD (5354 files) decodes nothing. Files are checked cheaply at index
-time instead (`check_files="header"`): PIL reads only the header (format and size, so an image and
-its mask can be compared), and the last bytes of PNG/JPEG files are looked at, since a truncated copy
-loses its end marker; only a file that fails that look is decoded to confirm. Measured on an
-MVTec-sized copy (5355 images + 1800 masks, 2 busy CPU cores): 0.5 s without checks, 1.9 s with.
-Corruption inside intact files only shows with `check_files="full"` (decodes everything) or when
-the row is read.
+Rows are built from file *paths* (the `Image` columns store the path, not the bytes; colour masks
+are the exception, see "Masks"), so indexing all of MVTec AD (5354 files) decodes nothing. Files are
+checked cheaply at index time instead (`check_files="header"`): PIL reads only the header (format,
+size and EXIF orientation, so an image and its mask can be compared as displayed), and the end of
+PNG/JPEG files is looked at, since a truncated copy loses its end marker (JPEG: the last bytes; PNG:
+the chunk headers are walked, seeks only, which must reach IEND); only a file that fails that look is
+decoded to confirm. Measured on an MVTec-sized copy (5355 images + 1800 masks, 2 busy CPU cores):
+0.5 s without checks, 1.9 s with; reading the EXIF orientation added about a fifth (4200 images +
+1200 masks of 512x512 PNG: 0.61 -> 0.74 s). Corruption inside intact files only shows with
+`check_files="full"` (decodes everything) or when the row is read.
+
+Orientation: decoding (`datasets.Image` and `CNCImageProcessor` alike) applies a file's EXIF
+orientation (`PIL.ImageOps.exif_transpose`), to images and masks alike (a mask PNG rarely has one,
+but one rule for both keeps a mask on its image), so every size is checked as displayed:
+orientations 5-8 swap width and height. The tag is read from the header; a PNG's eXIf chunk, which
+may follow the pixel data, from the same chunk walk, so nothing is decoded. A mask is drawn on the
+image as it is displayed; one that fits only the stored (unrotated) image is refused naming both
+files and both sizes.
+
+Masks: one rule everywhere (this module, the parquet converter, `CNCImageProcessor`): a pixel is a
+defect when any of its channels is non-zero: the gray value ("1", "L", "I", "I;16", "F"), the palette
+index ("P"), any of R, G, B; alpha is ignored; other modes count through RGB. `Image(mode="L")`
+decodes by luminance, which turns e.g. RGB (1, 0, 0) into 0, so a mask whose mode that conversion
+does not keep exact (see `LUMINANCE_EXACT_MASK_MODES`) is binarised at index time into a 0/255 PNG
+stored in the row (bytes, its path kept); gray masks, MVTec's and VisA's, stay paths, decoded lazily.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import struct
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import PIL.Image
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+import PIL.ImageOps
+from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Image, Value
+from datasets.table import InMemoryTable
 
 LABEL_NAMES = ["good", "anomaly"]
 SPLITS = ("train", "test")
@@ -46,6 +68,12 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 HIGH_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 ON_BAD_FILE = ("error", "skip")
 CHECK_FILES = ("header", "full", "none")
+EXIF_ORIENTATION = 0x0112
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # transpose, rotate 270, transverse, rotate 90: width and height swap
+# Modes whose conversion to "L" (what `Image(mode="L")` does on decode) keeps zero as zero and every
+# defect pixel non-zero: gray keeps its value, "1" gives 0/255, LA drops alpha, integers clip to [0, 255].
+LUMINANCE_EXACT_MASK_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N")
+_EXIF_ERRORS = (OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError, struct.error)
 
 
 class AnomalyDatasetError(ValueError):
@@ -61,16 +89,57 @@ class Record:
     label: int
     category: str
     defect_type: str
+    mask_png: bytes | None = None  # the mask binarised at index time, when luminance decoding would lose defects
+
+
+def _named_like_image(path: Path) -> bool:
+    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def is_image_file(path: Path) -> bool:
     """Image files by extension; hidden files (.DS_Store, ._x.png from macOS copies) are not images."""
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+    return path.is_file() and _named_like_image(path)
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Sorted image files directly in `folder`; readme/license/stray files are ignored."""
-    return sorted(p for p in folder.iterdir() if is_image_file(p))
+def is_dangling_link(path: Path) -> bool:
+    """A symbolic link whose target is missing (or a link loop): `is_file()` is False for it, so
+    without this check a copy made of links whose source moved would silently lose those files."""
+    return path.is_symlink() and not path.exists()
+
+
+def link_note(path: Path) -> str:
+    """For messages about a file that cannot be found: names the missing target of a dangling link."""
+    return f" (a symbolic link to {os.readlink(path)}, which does not exist)" if is_dangling_link(path) else ""
+
+
+def scan_images(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(image files, dangling symbolic links named like images) directly in `folder`, both sorted."""
+    images, dangling = [], []
+    for path in sorted(folder.iterdir()):
+        if not _named_like_image(path):
+            continue
+        if path.is_file():
+            images.append(path)
+        elif is_dangling_link(path):
+            dangling.append(path)
+    return images, dangling
+
+
+def report_dangling_links(links: Iterable[Path], bad: BadFiles) -> None:
+    for link in links:
+        bad.report(f"dangling symbolic link: {link} -> {os.readlink(link)}, which does not exist; expected an image file")
+
+
+def list_images(folder: Path, bad: BadFiles | None = None) -> list[Path]:
+    """Sorted image files directly in `folder`; readme/license/stray files are ignored.
+
+    A dangling symbolic link named like an image is a bad file: reported to `bad` (an error, or counted
+    in the skip warning) rather than dropped unseen.
+    """
+    images, dangling = scan_images(folder)
+    if bad is not None:
+        report_dangling_links(dangling, bad)
+    return images
 
 
 class BadFiles:
@@ -107,19 +176,70 @@ class BadFiles:
 
 
 def _looks_truncated(path: Path, image_format: str | None) -> bool:
-    """Cheap end-marker test: PNG ends with an IEND chunk, JPEG with FF D9 (maybe zero padded)."""
-    if image_format not in ("PNG", "JPEG"):
+    """Cheap end-marker test for JPEG: it ends with FF D9 (maybe zero padded). PNG: see `_walk_png`."""
+    if image_format != "JPEG":
         return False
     with open(path, "rb") as handle:
         handle.seek(max(0, path.stat().st_size - 64))
         tail = handle.read()
-    if image_format == "PNG":
-        return not tail.endswith(b"IEND\xaeB`\x82")
     return not tail.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
 
 
-def check_image_file(path: Path, check_files: str = "header") -> tuple[tuple[int, int], str] | None:
-    """Return ((width, height), PIL mode) of an image file, or raise `AnomalyDatasetError` naming it.
+def _walk_png(path: Path) -> tuple[bytes | None, bool]:
+    """Walk a PNG's chunk headers (seeks only, no pixel data read): return its eXIf chunk (None if it
+    has none) and whether the walk reached the IEND chunk, which a truncated copy has lost.
+
+    PIL finds an eXIf chunk placed after the pixel data (the PNG spec allows it) only by decoding the image.
+    """
+    exif = None
+    with open(path, "rb", buffering=0) as handle:  # unbuffered: read 8 bytes per chunk, not 8 KiB
+        handle.seek(8)  # the PNG signature
+        while len(head := handle.read(8)) == 8:
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if kind == b"IEND":
+                return exif, True
+            if kind == b"eXIf" and exif is None:
+                exif = b"Exif\x00\x00" + handle.read(length)  # the form PIL keeps in info["exif"]
+                length = 0
+            handle.seek(length + 4, os.SEEK_CUR)  # chunk data and CRC
+    return exif, False
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What a file's header says: its size as displayed (EXIF orientation applied, as decoding does),
+    its PIL mode and its EXIF orientation (1 when it has none)."""
+
+    size: tuple[int, int]
+    mode: str
+    orientation: int = 1
+
+    def describe(self) -> str:
+        """"WxH", plus the stored size when the EXIF orientation turns the image."""
+        width, height = self.size
+        if self.orientation not in SWAPPING_ORIENTATIONS:
+            return f"{width}x{height}"
+        return f"{width}x{height} as displayed (EXIF orientation {self.orientation} turns the stored {height}x{width})"
+
+
+def exif_orientation(image: PIL.Image.Image, png_exif: bytes | None = None) -> int:
+    """The EXIF orientation that decoding will apply to `image` (opened, not decoded), 1 if none.
+
+    For a PNG pass the eXIf chunk found by `_walk_png`: PIL's own PNG `getexif` decodes the pixels to
+    look for one after them.
+    """
+    if image.format == "PNG":
+        if png_exif is not None and "exif" not in image.info:
+            image.info["exif"] = png_exif
+        tags = PIL.Image.Image.getexif(image)  # the base method, which reads what the header gave
+    else:
+        tags = image.getexif()
+    orientation = tags.get(EXIF_ORIENTATION)
+    return orientation if isinstance(orientation, int) else 1
+
+
+def check_image_file(path: Path, check_files: str = "header") -> ImageInfo | None:
+    """Return the `ImageInfo` of an image file (size as displayed), or raise `AnomalyDatasetError` naming it.
 
     "header": read the header and the end marker (decode only files whose end looks wrong);
     "full": decode every file; "none": no check, returns None.
@@ -129,15 +249,67 @@ def check_image_file(path: Path, check_files: str = "header") -> tuple[tuple[int
     try:
         with PIL.Image.open(path) as image:
             size, mode = image.size, image.mode
-            if check_files == "full" or _looks_truncated(path, image.format):
+            if image.format == "PNG":
+                png_exif, complete = _walk_png(path)
+                truncated = not complete
+            else:
+                png_exif, truncated = None, _looks_truncated(path, image.format)
+            try:
+                orientation = exif_orientation(image, png_exif)
+            except _EXIF_ERRORS as err:  # decoding reads the orientation too: the row could not be read either
+                raise AnomalyDatasetError(f"unreadable EXIF data in {path} ({err!r})") from err
+            if check_files == "full" or truncated:
                 image.load()  # raises on truncated/corrupt data
     except FileNotFoundError:
-        raise AnomalyDatasetError(f"file not found: {path}") from None
+        raise AnomalyDatasetError(f"file not found: {path}{link_note(path)}") from None
+    except AnomalyDatasetError:
+        raise
     except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as err:
         raise AnomalyDatasetError(f"unreadable or truncated image: {path} ({err})") from err
     if size[0] == 0 or size[1] == 0:
         raise AnomalyDatasetError(f"empty image (size {size}): {path}")
-    return size, mode
+    if orientation in SWAPPING_ORIENTATIONS:
+        size = (size[1], size[0])
+    return ImageInfo(size, mode, orientation)
+
+
+def mask_defect_pixels(mask: PIL.Image.Image) -> np.ndarray:
+    """HxW bool, True where a mask marks a defect: the mask rule of the module docstring.
+
+    `CNCImageProcessor` (modeling/image_processing_cnc.py) keeps its own copy of this rule, since it is
+    saved with models as remote code that cannot import cnc_hf; tests/test_data.py checks they agree.
+    """
+    if mask.mode in ("LA", "La", "PA"):
+        return np.asarray(mask)[..., 0] > 0
+    if mask.mode in ("RGB", "RGBA", "RGBa", "RGBX"):
+        return (np.asarray(mask)[..., :3] > 0).any(axis=-1)
+    if mask.mode in ("1", "L", "P") + HIGH_BIT_MODES:
+        return np.asarray(mask) > 0
+    return (np.asarray(mask.convert("RGB")) > 0).any(axis=-1)  # CMYK, YCbCr, LAB, HSV: their colours
+
+
+def binary_mask_png(mask: PIL.Image.Image) -> bytes:
+    """A mask as a 0/255 "L" PNG: EXIF orientation applied (as decoding does), then the mask rule."""
+    if mask.getexif().get(EXIF_ORIENTATION) is not None:
+        mask = PIL.ImageOps.exif_transpose(mask)
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(mask_defect_pixels(mask).astype(np.uint8) * 255, "L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _with_mask_png(record: Record) -> Record:
+    """`record`, plus its mask binarised when `Image(mode="L")` would decode it by luminance and lose
+    defect pixels (an RGB (1, 0, 0) pixel becomes 0). Gray masks stay paths: nothing is decoded."""
+    path = Path(record.mask)
+    try:
+        with PIL.Image.open(path) as mask:
+            if mask.mode in LUMINANCE_EXACT_MASK_MODES:
+                return record
+            return replace(record, mask_png=binary_mask_png(mask))
+    except FileNotFoundError:
+        raise AnomalyDatasetError(f"file not found: {path}{link_note(path)}") from None
+    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as err:
+        raise AnomalyDatasetError(f"unreadable or truncated image: {path} ({err})") from err
 
 
 def check_option(name: str, value: str, allowed: Sequence[str]) -> str:
@@ -146,24 +318,25 @@ def check_option(name: str, value: str, allowed: Sequence[str]) -> str:
     return value
 
 
-def check_record(record: Record, check_files: str, bad: BadFiles) -> bool:
-    """Check an image (and its mask: readable, same size). Return False if the record was skipped."""
+def checked_record(record: Record, check_files: str, bad: BadFiles) -> Record | None:
+    """Check an image and its mask (readable, same size as displayed) and settle how the mask is stored
+    (see "Masks" above). Return the record to keep, or None if it was reported and skipped."""
     try:
         image_info = check_image_file(Path(record.image), check_files)
-        if image_info is not None and image_info[1] in HIGH_BIT_MODES:
+        if image_info is not None and image_info.mode in HIGH_BIT_MODES:
             bad.high_bit.append(record.image)
-        if record.mask is not None:
-            mask_info = check_image_file(Path(record.mask), check_files)
-            image_size, mask_size = (image_info or (None,))[0], (mask_info or (None,))[0]
-            if image_size is not None and mask_size != image_size:
-                raise AnomalyDatasetError(
-                    f"mask {record.mask} is {mask_size[0]}x{mask_size[1]} but its image {record.image} is "
-                    f"{image_size[0]}x{image_size[1]}; expected the same size"
-                )
+        if record.mask is None:
+            return record
+        mask_info = check_image_file(Path(record.mask), check_files)
+        if image_info is not None and mask_info is not None and mask_info.size != image_info.size:
+            raise AnomalyDatasetError(
+                f"mask {record.mask} is {mask_info.describe()} but its image {record.image} is "
+                f"{image_info.describe()}; expected a mask of its image's size as displayed"
+            )
+        return _with_mask_png(record)
     except AnomalyDatasetError as err:
         bad.report(str(err))
-        return False
-    return True
+        return None
 
 
 def resolve_categories(categories: str | Sequence[str] | None, available: Sequence[str], source) -> list[str]:
@@ -189,15 +362,18 @@ def build_dataset_dict(records: dict[str, list[Record]], source) -> DatasetDict:
         rows = records.get(split, [])
         if not rows:
             raise AnomalyDatasetError(f"empty {split!r} split in {source}: no usable images found")
+        # Stored as {"bytes", "path"} directly: `Dataset.from_dict` would drop the bytes of a binarised
+        # mask because its path is an existing file.
         columns = {
-            "image": [r.image for r in rows],
-            "mask": [r.mask for r in rows],
+            "image": [{"bytes": None, "path": r.image} for r in rows],
+            "mask": [None if r.mask is None else {"bytes": r.mask_png, "path": r.mask} for r in rows],
             "label": [r.label for r in rows],
             "category": [r.category for r in rows],
             "defect_type": [r.defect_type for r in rows],
             "path": [r.image for r in rows],
         }
-        splits[split] = Dataset.from_dict(columns, features=FEATURES, split=split)
+        table = InMemoryTable.from_pydict(columns, schema=FEATURES.arrow_schema)
+        splits[split] = Dataset(table, info=DatasetInfo(features=FEATURES.copy()), split=split)
     return DatasetDict(splits)
 
 

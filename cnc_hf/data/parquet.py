@@ -6,9 +6,11 @@ repo id after `push_folder_to_hub`) gives back the cnc-hf schema (`cnc_hf.data.c
 Pushing uploads that same folder, so what is tested locally is what lands on the Hub. The command
 line is `python -m cnc_hf.data.convert`.
 
-What changes on the way: image files are embedded byte for byte (JPEGs are not re-encoded); masks
-are stored as 0/255 PNGs (VisA's 1..N masks are binarised: non-zero = defect), and `path` becomes
-the path relative to the source root so no local folder names leak to the Hub.
+What changes on the way: image files are embedded byte for byte (JPEGs are not re-encoded, their
+EXIF orientation kept); masks are stored as 0/255 PNGs by the mask rule of `cnc_hf.data.common`
+(VisA's 1..N masks and colour masks alike: non-zero in any channel = defect; a mask's own EXIF
+orientation is applied, since the PNG written carries none), and `path` becomes the path relative to
+the source root so no local folder names leak to the Hub.
 """
 
 from __future__ import annotations
@@ -17,12 +19,11 @@ import io
 import os
 from pathlib import Path
 
-import numpy as np
 import PIL.Image
 import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, Image
 
-from .common import FEATURES, SPLITS, validate_schema
+from .common import FEATURES, SPLITS, binary_mask_png, validate_schema
 
 DEFAULT_MAX_SHARD_BYTES = 500 * 1024**2  # the Hub's usual parquet shard size
 
@@ -37,14 +38,11 @@ def _relative(path: str, root: Path | None) -> str:
 
 
 def _binary_mask_png(mask_value: dict) -> bytes:
-    """Read a stored mask ({"bytes", "path"}), binarise it (non-zero = defect), encode as a 0/255 "L" PNG."""
+    """Read a stored mask ({"bytes", "path"}) and encode it as a 0/255 "L" PNG by the one mask rule
+    (non-zero in any channel = defect; EXIF orientation applied, as decoding does: see `common`)."""
     source = io.BytesIO(mask_value["bytes"]) if mask_value["bytes"] is not None else mask_value["path"]
     with PIL.Image.open(source) as mask:
-        mask = mask.convert("L") if mask.mode not in ("1", "L", "P", "I", "I;16", "F") else mask
-        binary = (np.asarray(mask) > 0).astype(np.uint8) * 255
-    buffer = io.BytesIO()
-    PIL.Image.fromarray(binary, "L").save(buffer, format="PNG")
-    return buffer.getvalue()
+        return binary_mask_png(mask)
 
 
 def _shard_ranges(dataset: Dataset, max_shard_bytes: int) -> list[tuple[int, int]]:

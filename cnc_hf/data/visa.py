@@ -26,7 +26,8 @@ from .common import (
     Record,
     build_dataset_dict,
     check_option,
-    check_record,
+    checked_record,
+    link_note,
     resolve_categories,
 )
 
@@ -79,7 +80,9 @@ def load_visa(
         split_csv: the split file; default `<root>/split_csv/1cls.csv`. A relative path that does not
             exist from the working directory is taken relative to `root`.
         categories, on_bad_file, check_files: as in `load_mvtec_ad`. A bad csv row (unknown split or
-            label, an anomaly without mask, a missing file, an anomaly in train) is a bad file too.
+            label, an anomaly without mask, a missing file or dangling link, an anomaly in train) is a
+            bad file too. Sizes are compared as displayed (EXIF orientation applied): phone JPEGs
+            often carry one.
     """
     check_option("check_files", check_files, CHECK_FILES)
     root = Path(root).expanduser()
@@ -118,7 +121,7 @@ def load_visa(
             continue
         image = root / row["image"]
         if not image.is_file():
-            bad.report(f"image not found: {image} (listed at {where})")
+            bad.report(f"image not found: {image}{link_note(image)} (listed at {where})")
             continue
         if split == "train" and label == 1:
             bad.report(f"{where}: anomalous image {image} in the train split; training uses normal images only")
@@ -130,14 +133,15 @@ def load_visa(
                 continue
             mask = root / row["mask"]
             if not mask.is_file():
-                bad.report(f"mask not found: {mask} for image {image} (listed at {where})")
+                bad.report(f"mask not found: {mask}{link_note(mask)} for image {image} (listed at {where})")
                 continue
         elif row["mask"]:
             bad.report(f"{where}: normal image {image} has a mask {row['mask']}; expected an empty mask column")
             continue
         defect_type = "good" if label == 0 else descriptions[category].get(row["image"], "anomaly")
         record = Record(str(image), None if mask is None else str(mask), label, category, defect_type)
-        if check_record(record, check_files, bad):
+        record = checked_record(record, check_files, bad)
+        if record is not None:
             records[split].append(record)
     bad.warn_if_any()
     return build_dataset_dict(records, csv_path)
