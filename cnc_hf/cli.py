@@ -53,7 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[command][0])
     if command == "push" and (not rest or rest[0] != "push"):
         rest = ["push", *rest]
-    result = module.main(rest)
+    from cnc_hf.hub import HubUnreachableError, ModelNotAvailableError
+
+    try:
+        result = module.main(rest)
+    except (ModelNotAvailableError, HubUnreachableError) as err:  # a mistyped folder, an unreachable Hub: one line
+        print(f"cnc-hf {command}: error: {err}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

@@ -287,6 +287,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cnc_hf.modeling import CNCModel
     from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
 
+    from cnc_hf.hub import check_local_model_argument
+
+    check_local_model_argument(args.model)
     model_path = Path(args.model)
     if args.output_dir is not None:
         output_dir = Path(args.output_dir)

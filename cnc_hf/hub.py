@@ -81,7 +81,12 @@ class ModelDirError(ValueError):
 
 
 class ModelNotAvailableError(OSError):
-    """A Hub id that is neither a local directory nor cached, when the Hub cannot be reached."""
+    """A Hub id that is neither a local directory nor cached, when the Hub cannot be reached; or an argument
+    that names a local folder which does not exist (no Hub request is made for it)."""
+
+
+class HubUnreachableError(OSError):
+    """The Hugging Face Hub did not answer (network, DNS, offline mode) or refused the login."""
 
 
 # --------------------------------------------------------------------------- templates
@@ -459,10 +464,56 @@ def push_to_hub(
     if dry_run:
         return files
     api = HfApi(token=token)
-    api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(model_dir / name)) for name in files]
-    return api.create_commit(repo_id=repo_id, repo_type="model", operations=operations,
-                             commit_message=commit_message, create_pr=create_pr)
+    try:
+        api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+        return api.create_commit(repo_id=repo_id, repo_type="model", operations=operations,
+                                 commit_message=commit_message, create_pr=create_pr)
+    except Exception as err:
+        raise hub_error(err, f"push {model_dir} to {repo_id}") from err
+
+
+def hub_error(err: Exception, doing: str) -> Exception:
+    """A HubUnreachableError saying what to do for a network, offline or login failure; `err` otherwise."""
+    from huggingface_hub import constants
+
+    name = type(err).__name__
+    network = isinstance(err, (ConnectionError, TimeoutError)) or any(
+        cls.__name__ in ("TransportError", "RequestException", "OfflineModeIsEnabled") for cls in type(err).__mro__)
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    first = str(err).splitlines()[0] if str(err) else name
+    if network:
+        return HubUnreachableError(
+            f"could not reach the Hugging Face Hub ({constants.ENDPOINT}) to {doing}: {name}: {first}. Check the "
+            "network (HF_HUB_OFFLINE=1 makes every Hub call fail at once), or run with --dry_run to check the folder "
+            "and the card without uploading."
+        )
+    if status in (401, 403):
+        return HubUnreachableError(
+            f"the Hugging Face Hub refused the login to {doing} (HTTP {status}): log in with `hf auth login`, "
+            "set HF_TOKEN, or pass --token with write access to that repo."
+        )
+    return err
+
+
+def check_local_model_argument(value: Any, flag: str = "--model") -> None:
+    """Refuse at once an argument that names a local folder which does not exist, instead of letting
+    transformers treat it as a Hub id and retry the network: one that starts with /, ./, ../ or ~, ends
+    with /, has more than one /, or whose first part is an existing local folder (`demo_output/modle`)."""
+    if not isinstance(value, (str, os.PathLike)):
+        return
+    text = os.fspath(value)
+    path = Path(text).expanduser()
+    if path.exists():
+        return
+    parts = Path(text).parts
+    looks_local = (text.startswith(("/", "./", "../", "~", "\\")) or text.endswith(("/", os.sep)) or text.count("/") > 1
+                   or (len(parts) > 1 and Path(parts[0]).is_dir()))
+    if looks_local:
+        parent = next((p for p in path.parents if p.is_dir()), None)
+        near = sorted(c.name for c in parent.iterdir() if c.is_dir())[:8] if parent is not None else []
+        hint = f"; folders in {parent}: {', '.join(near)}" if near else ""
+        raise ModelNotAvailableError(f"{flag} {text}: no such folder{hint}")
 
 
 # --------------------------------------------------------------------------- loading by Hub id
@@ -491,6 +542,7 @@ def load_model(id_or_dir: str | os.PathLike, **kwargs):
     """`CNCModel.from_pretrained` with a clear error when a Hub id is neither cached nor reachable."""
     from cnc_hf.modeling import CNCModel
 
+    check_local_model_argument(id_or_dir)
     try:
         return CNCModel.from_pretrained(id_or_dir, **kwargs)
     except OSError as err:
@@ -503,6 +555,7 @@ def load_pipeline(id_or_dir: str | os.PathLike, **kwargs):
 
     import cnc_hf.pipeline  # noqa: F401  (registers the task)
 
+    check_local_model_argument(id_or_dir)
     try:
         return pipeline("image-anomaly-detection", model=os.fspath(id_or_dir), **kwargs)
     except OSError as err:
@@ -552,6 +605,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             space = push_space(args.repo_id, args.space, token=args.token, private=args.private, dry_run=args.dry_run)
             print(f"dry run: would upload {len(space)} files to Space {args.space}: {', '.join(space)}" if args.dry_run
                   else f"Space: https://huggingface.co/spaces/{args.space}")
+    except HubUnreachableError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -86,23 +86,28 @@ def save_model_dir(model, processor: CNCImageProcessor | None, output_dir: str |
     `preprocessor_config.json`, and the code files of the model, the processor and the pipeline.
     This is what `transformers.Pipeline.save_pretrained` writes for a registered custom pipeline;
     we go through it so the layout stays transformers' own. The model is not moved to another device.
+    The files replace an earlier save atomically for readers (cnc_hf.atomic): a kill at any point
+    leaves the old model, the new one, or no config.json, never old weights beside a new config.
     `processor=None` saves a `CNCImageProcessor` at `model.config.image_size`.
     """
+    from cnc_hf.atomic import save_atomically
+
     output_dir = Path(output_dir)
     if output_dir.is_file():
         raise ValueError(f"output_dir: {output_dir} is a file; expected a directory")
-    output_dir.mkdir(parents=True, exist_ok=True)
     if processor is None:
         processor = CNCImageProcessor(size=model.config.image_size)
-    was_training = model.training
-    pipe = AnomalyMapPipeline(model=model, image_processor=processor, device=model.device)
-    pipe.save_pretrained(output_dir)
-    model.train(was_training)
-    missing = [name for name in (WEIGHTS_NAME, "config.json", "preprocessor_config.json", PIPELINE_CODE, PROCESSOR_CODE)
-               if not (output_dir / name).is_file()]
-    if missing:
-        raise RuntimeError(f"save_model_dir: {output_dir} lacks {missing} after saving; this is a bug in cnc_hf")
-    return output_dir
+
+    def write(staging: Path) -> None:
+        was_training = model.training
+        AnomalyMapPipeline(model=model, image_processor=processor, device=model.device).save_pretrained(staging)
+        model.train(was_training)
+        missing = [name for name in (WEIGHTS_NAME, "config.json", "preprocessor_config.json", PIPELINE_CODE,
+                                     PROCESSOR_CODE) if not (staging / name).is_file()]
+        if missing:
+            raise RuntimeError(f"save_model_dir: {staging} lacks {missing} after saving; this is a bug in cnc_hf")
+
+    return save_atomically(output_dir, write)
 
 
 _register()

@@ -91,11 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir)
     stems = output_stems(images, out)
     from tqdm.auto import tqdm
-    from transformers import pipeline
 
-    import cnc_hf.pipeline  # noqa: F401  (registers the "image-anomaly-detection" task)
+    from cnc_hf.hub import load_pipeline
 
-    pipe = pipeline("image-anomaly-detection", model=args.model, device=args.device)
+    pipe = load_pipeline(args.model, device=args.device)
     threshold = args.threshold if args.threshold is not None else pipe.model.config.threshold
     call = {"batch_size": args.batch_size, "threshold": threshold}
     out.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ Data flow (one image, n tapped layers, DESIGN.md "The model in one breath"):
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -153,6 +154,28 @@ class CNCModel(CNCPreTrainedModel):
             _check_weights_match_config(model, info, pretrained_model_name_or_path)
         model.freeze_clip()
         return (model, info) if return_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus what a model repo needs for `pipeline(...,
+        trust_remote_code=True)` in a process without cnc-hf: the pipeline's code with its
+        `custom_pipelines` entry in config.json, and the image processor (at `config.image_size`,
+        unless the folder already holds one). `push_to_hub` saves through here, so a pushed repo
+        is complete too: the same file set as `cnc_hf.save_model_dir` and `cnc-hf push`.
+        """
+        from transformers.dynamic_module_utils import custom_object_save
+
+        from .image_processing_cnc import CNCImageProcessor
+        from .pipeline_cnc import TASK, AnomalyMapPipeline
+
+        # __dict__, not the attribute: cnc_hf's config class hides locally served pipelines on read.
+        pipelines = dict(self.config.__dict__.get("custom_pipelines") or {})
+        pipelines[TASK] = {"impl": f"pipeline_cnc.{AnomalyMapPipeline.__name__}", "pt": ["AutoModel"], "type": "image"}
+        self.config.custom_pipelines = pipelines
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            custom_object_save(AnomalyMapPipeline, save_directory)  # pipeline_cnc.py and what it imports
+            if not os.path.isfile(os.path.join(save_directory, "preprocessor_config.json")):
+                CNCImageProcessor(size=self.config.image_size).save_pretrained(save_directory)
 
     @classmethod
     def from_clip_pretrained(cls, pretrained_model_name_or_path, **overrides) -> "CNCModel":
@@ -340,7 +363,6 @@ class CNCModel(CNCPreTrainedModel):
 def _weights_error(source, err: Exception) -> Exception:
     """A clear ValueError for weights that were not loaded (a refused pickle, a corrupt safetensors file, a dir
     with pickle files only); `err` itself for any other error."""
-    import os
     import pickle
 
     if isinstance(err, pickle.UnpicklingError):

@@ -348,3 +348,36 @@ def test_hub_ids_load_from_the_cache_offline(saved_model, tmp_path):
     for error in errors:
         assert "'org/not-cached' is not a local directory and is not in the Hugging Face cache" in error
         assert "offline" in error and "hf download org/not-cached" in error
+
+
+# --------------------------------------------------------------------------- errors that say what happened
+def test_push_with_the_hub_unreachable_is_one_clear_error(model_dir, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # a closed loopback port: refused at once
+    assert hub.main(["push", str(model_dir), "org/cnc-mvtec", "--token", "hf_dummy"]) == 2
+    err = capsys.readouterr().err
+    assert "could not reach the Hugging Face Hub (http://127.0.0.1:9)" in err and "--dry_run" in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_a_mistyped_local_model_folder_fails_at_once_without_the_network(model_dir, tmp_path, monkeypatch, capsys):
+    import time
+
+    from PIL import Image
+
+    from cnc_hf import cli
+
+    (tmp_path / "demo_output" / "model").mkdir(parents=True)
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    monkeypatch.chdir(tmp_path)
+    start = time.monotonic()
+    assert cli.main(["predict", str(image), "--model", "demo_output/modle"]) == 2
+    assert cli.main(["evaluate", "--model", "./nowhere", "--dataset", "mvtec", "--data_dir", "x"]) == 2
+    assert time.monotonic() - start < 10  # no Hub retries
+    err = capsys.readouterr().err
+    assert "--model demo_output/modle: no such folder; folders in demo_output: model" in err
+    assert "--model ./nowhere: no such folder" in err
+    for hub_id in ("org/name", "name"):  # Hub ids are left to the Hub
+        hub.check_local_model_argument(hub_id)

@@ -241,7 +241,7 @@ def test_table2_ablation_switches(mlf, cnc, moe):
 
 
 def test_vision_tower_stops_at_deepest_tap():
-    model = make_model(feature_layers=[1, 2, 2])  # 4-layer tower, deepest tap 2
+    model = make_model(feature_layers=[1, 2])  # 4-layer tower, deepest tap 2
     calls = []
     for i, layer in enumerate(model.clip.vision_model.encoder.layers):
         layer.register_forward_hook(lambda *a, i=i: calls.append(i))

@@ -227,7 +227,18 @@ def test_jet_colormap_and_overlay():
 
 
 # --------------------------------------------------------------------------- remote code
-def test_remote_code_pipeline_in_a_process_without_the_package(pipe, model_dir, tmp_path):
+@pytest.mark.parametrize("saved_by", ["save_model_dir", "CNCModel.save_pretrained"])
+def test_remote_code_pipeline_in_a_process_without_the_package(pipe, model_dir, tmp_path, saved_by):
+    """The folder cnc-hf's trainer writes, and the one the most natural Hugging Face call writes
+    (`from_pretrained(d).save_pretrained(out)`, which `push_to_hub` also uses), both serve the pipeline."""
+    if saved_by == "CNCModel.save_pretrained":
+        from cnc_hf.hub import validate_model_dir
+
+        resaved = tmp_path / "resaved"
+        CNCModel.from_pretrained(model_dir).save_pretrained(resaved)
+        assert sorted(p.name for p in resaved.iterdir()) == sorted(p.name for p in model_dir.iterdir())
+        assert sorted(validate_model_dir(resaved)) == sorted(validate_model_dir(model_dir))
+        model_dir = resaved
     images = [random_image(37, 52, seed=5), random_image(64, 30, seed=6)]
     expected = pipe(images)
     for index, image in enumerate(images):

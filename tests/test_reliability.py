@@ -436,3 +436,77 @@ def test_every_torch_load_in_the_repo_is_weights_only():
     unsafe = [(p, call) for p, call in found if not (call.startswith("torch.load(") and "weights_only=True" in call)]
     assert not unsafe, unsafe
     assert any(p == "tests/test_model.py" for p, _ in found)  # the scan does see calls
+
+
+# ----------------------------------------------------------------------------- the final save is atomic
+def _saved_pair(path):
+    """(threshold, first decoder weight) of the model in `path`, or None when nothing loads from it."""
+    from cnc_hf.modeling import CNCModel
+
+    if not (path / "config.json").exists():
+        return None
+    model = CNCModel.from_pretrained(path)
+    return model.config.threshold, model.decoder.blocks[0].qkv.weight.detach().clone()
+
+
+@pytest.mark.parametrize("crash", ["before_commit_list"] + [f"replace_{k}" for k in range(0, 20, 3)])
+def test_a_save_killed_at_any_point_leaves_the_old_or_the_new_model_never_a_mix(tmp_path, monkeypatch, crash):
+    import cnc_hf.atomic as atomic
+    from cnc_hf.modeling import CNCModel
+    from cnc_hf.pipeline import save_model_dir
+
+    torch.manual_seed(0)
+    old_model = CNCModel(tiny_cnc_config(threshold=1.0)).eval()
+    torch.manual_seed(1)
+    new_model = CNCModel(tiny_cnc_config(threshold=2.0)).eval()
+    folder = tmp_path / "model"
+    save_model_dir(old_model, None, folder)
+    old = _saved_pair(folder)
+
+    class Killed(Exception):
+        pass
+
+    if crash == "before_commit_list":
+        monkeypatch.setattr(atomic, "_write_synced", lambda *a: (_ for _ in ()).throw(Killed()))
+    else:
+        limit, calls, replace = int(crash.split("_")[1]), [], os.replace
+
+        def dying_replace(src, dst):
+            if len(calls) == limit:
+                raise Killed()
+            calls.append(dst)
+            replace(src, dst)
+
+        monkeypatch.setattr(atomic.os, "replace", dying_replace)
+    try:
+        save_model_dir(new_model, None, folder)
+        finished = True
+    except Killed:
+        finished = False
+    monkeypatch.undo()
+    new_weights = new_model.decoder.blocks[0].qkv.weight.detach()
+    seen = _saved_pair(folder)
+    if seen is not None:  # whatever loads is one whole save, never new config over old weights or the reverse
+        assert (seen[0], torch.equal(seen[1], old[1])) == (1.0, True) or (
+            seen[0] == 2.0 and torch.equal(seen[1], new_weights)), crash
+    reached_commit_list = crash != "before_commit_list"
+    assert atomic.finish_interrupted_save(folder) == (reached_commit_list and not finished)
+    final = _saved_pair(folder)
+    assert final is not None and not (folder / atomic.STAGING).exists()
+    if reached_commit_list:
+        assert final[0] == 2.0 and torch.equal(final[1], new_weights)
+    else:
+        assert final[0] == 1.0 and torch.equal(final[1], old[1])
+
+
+def test_overwrite_output_dir_removes_the_previous_model_before_training(tmp_path):
+    from cnc_hf.modeling import CNCModel
+    from cnc_hf.pipeline import save_model_dir
+
+    folder = tmp_path / "run"
+    save_model_dir(CNCModel(tiny_cnc_config(threshold=1.0)), None, folder)
+    for name in ("README.md", "training_args.json", "metrics.json", "notes.txt"):
+        (folder / name).write_text("x")
+    (folder / "checkpoints" / "epoch_0001").mkdir(parents=True)
+    train.remove_previous_run(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]  # the user's own file stays

@@ -93,6 +93,12 @@ def test_defaults_are_the_papers():
     assert overrides["use_moe"] is False and overrides["noise_std"] == 0.05 and overrides["theta"] == 5
 
 
+def test_demo_without_data_dir_says_where_its_images_go(capsys):
+    args = train.parse_args(["--dataset", "demo", "--output_dir", "o"])
+    assert args.data_dir == train.DEFAULT_DEMO_DIR
+    assert f"the demo images go to {Path(train.DEFAULT_DEMO_DIR).resolve()}" in capsys.readouterr().err
+
+
 def test_calibration_holdout_is_per_category_and_disjoint(tiny_data):
     from cnc_hf.data import load_anomaly_dataset
 
@@ -188,6 +194,37 @@ def test_resume_gives_the_same_weights_as_one_run(tmp_path, tiny_data, tiny_clip
     reset_accelerate()
     with pytest.raises(train.TrainingSetupError, match=r"other values of --lr \(was 0.001, now 0.01\)"):
         train.main(argv(tiny_data, tiny_clip_dir, resumed, *common, "--epochs", "3", "--resume", "--lr", "0.01"))
+
+
+def test_resume_refuses_other_data_and_accepts_the_same_clip_dir_spelled_differently(tmp_path, tiny_data,
+                                                                                     tiny_clip_dir):
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    common = ("--no_eval", "--save_every", "1")
+    out = tmp_path / "run"
+    train.main(argv(tiny_data, tiny_clip_dir, out, *common, "--epochs", "1"))
+    reset_accelerate()
+    # The same layout with every training pixel inverted: same paths, same count.
+    inverted = tmp_path / "inverted"
+    shutil.copytree(tiny_data, inverted)
+    for path in inverted.glob("*/train/good/*.png"):
+        Image.fromarray(255 - np.asarray(Image.open(path))).save(path)
+    with pytest.raises(train.TrainingSetupError, match=r"trained on other data: .*" + str(tiny_data) + r".* now .*"
+                       + str(inverted)):
+        train.main(argv(inverted, tiny_clip_dir, out, *common, "--epochs", "2", "--resume"))
+    reset_accelerate()
+    summary = train.main(argv(tiny_data, str(tiny_clip_dir) + "/", out, *common, "--epochs", "2", "--resume"))
+    assert summary["training"]["trained_epochs"] == 1  # a trailing slash names the same CLIP folder
+
+
+def test_an_unwritable_output_dir_is_refused_before_any_work(tmp_path, tiny_data, tiny_clip_dir, capsys):
+    code = train.cli(argv(tiny_data, tiny_clip_dir, "/proc/cnc-hf-out", "--cache_features"))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--output_dir /proc/cnc-hf-out: cannot write in /proc" in err and "Traceback" not in err
 
 
 def test_feature_cache_gives_the_same_losses_and_weights(tmp_path, tiny_data, tiny_clip_dir):

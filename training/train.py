@@ -50,6 +50,7 @@ Design choices (also in --help):
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -213,6 +214,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.epochs = EPOCH_DEFAULTS.get(default_key, OTHER_DATASET_EPOCHS)
     if key == "demo" and args.data_dir is None:
         args.data_dir = DEFAULT_DEMO_DIR
+        print(f"train.py: --dataset demo without --data_dir: the demo images go to {Path(DEFAULT_DEMO_DIR).resolve()} "
+              "(made there on first use)", file=sys.stderr)
     return args
 
 
@@ -255,6 +258,7 @@ def check_output_dir(args) -> None:
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise TrainingSetupError(f"--output_dir {out} exists and is not a directory")
+    check_writable(out)
     if args.resume is not None:
         from cnc_hf_train.checkpointing import CorruptCheckpointError, list_checkpoints, resumable_checkpoint, verify_checkpoint
 
@@ -279,6 +283,23 @@ def check_output_dir(args) -> None:
             f"--output_dir {out} already holds another run ({held}); pass --resume to continue it, "
             "--overwrite_output_dir to replace it, or choose another --output_dir"
         )
+
+
+def check_writable(out: Path) -> None:
+    """--output_dir (or, if it does not exist yet, its nearest existing parent) takes files: probed with a
+    temporary file before any expensive work (the feature cache, training), leaving nothing behind."""
+    import tempfile
+
+    probe = out
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    try:
+        handle, name = tempfile.mkstemp(prefix=".cnc-write-test-", dir=probe)
+        os.close(handle)
+        os.unlink(name)
+    except OSError as err:
+        raise TrainingSetupError(f"--output_dir {out}: cannot write in {probe} ({err.strerror or err}); "
+                                 "choose a writable --output_dir") from None
 
 
 def check_clip_model(name: str) -> None:
@@ -321,6 +342,51 @@ def check_dataset_name(args) -> None:
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         raise TrainingSetupError(f"--dataset {name!r}: unknown dataset; expected one of mvtec, visa, demo, a parquet "
                                  "dataset dir or a Hub dataset id (owner/name)")
+
+
+def _flag_value(name: str, value):
+    """A run-identity flag as compared on resume: the same CLIP folder with or without a trailing slash (or
+    another spelling of the same path) is the same model."""
+    if name == "clip_model" and isinstance(value, str):
+        return os.path.normpath(os.path.abspath(value)) if os.path.exists(value) else value.rstrip("/")
+    return value
+
+
+def training_data_identity(args, train_split, calibration_split) -> dict:
+    """What identifies the images a run trains (and calibrates) on: a hash of each file's path below
+    --data_dir, its size and its first 4 KiB (image data starts there in PNG and JPEG files, so
+    rewritten pixels change it), computed without decoding any image."""
+    import hashlib
+
+    root = Path(args.data_dir).resolve() if args.data_dir else None
+    digest, count = hashlib.sha256(), 0
+    for split in (train_split, calibration_split):
+        for raw in (split["path"] if split is not None else []):
+            path = Path(str(raw))
+            try:
+                name = str(path.resolve().relative_to(root)) if root else str(raw)
+            except ValueError:
+                name = str(raw)
+            digest.update(name.encode() + b"\0")
+            if path.is_file():
+                with open(path, "rb") as handle:
+                    digest.update(str(path.stat().st_size).encode() + handle.read(4096))
+            count += 1
+    return {"fingerprint": digest.hexdigest()[:16], "num_images": count, "data_dir": args.data_dir,
+            "dataset": str(args.dataset)}
+
+
+def check_same_training_data(checkpoint: str, identity: dict) -> None:
+    from cnc_hf_train.checkpointing import read_checkpoint_meta
+
+    previous = read_checkpoint_meta(checkpoint).get("data")
+    if previous and previous.get("fingerprint") != identity["fingerprint"]:
+        raise TrainingSetupError(
+            f"--resume {checkpoint}: the checkpoint was trained on other data: {previous.get('dataset')} at "
+            f"{previous.get('data_dir')} ({previous.get('num_images')} images, fingerprint {previous.get('fingerprint')}), "
+            f"now {identity['dataset']} at {identity['data_dir']} ({identity['num_images']} images, fingerprint "
+            f"{identity['fingerprint']}). Resume with the same data, or start a new run in another --output_dir"
+        )
 
 
 def load_data(args):
@@ -384,6 +450,20 @@ def build_model(args):
         raise
     except (OSError, ValueError) as err:
         raise TrainingSetupError(f"--clip_model {args.clip_model}: cannot build the model: {err}") from err
+
+
+# What a run leaves in its output dir: --overwrite_output_dir removes all of it before training, so a run
+# that then dies leaves no model of the previous run that would load (or be pushed) as this run's result.
+RUN_OUTPUTS = ("checkpoints", "runs", "heatmaps", "train_log.jsonl", "metrics.json", "metrics.md", "README.md",
+               "training_args.json", "heatmap_example.png", "config.json", "preprocessor_config.json",
+               "model.safetensors", "model-*.safetensors", "model.safetensors.index.json", "*.py")
+
+
+def remove_previous_run(output_dir: Path) -> None:
+    # config.json first: from then on the folder holds no loadable model, whatever else a kill leaves behind.
+    for pattern in ("config.json",) + RUN_OUTPUTS:
+        for target in output_dir.glob(pattern):
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
 
 
 def save_model_dir(model, processor, output_dir: Path) -> None:
@@ -534,21 +614,26 @@ def main(argv=None) -> dict:
         previous = read_checkpoint_meta(args.resume).get("args", {})
         previous = {**LEGACY_RUN_FLAGS, **previous} if previous else previous
         changed = {k: (previous.get(k), getattr(args, k)) for k in RUN_IDENTITY_FLAGS
-                   if k in previous and previous[k] != _jsonable(getattr(args, k))}
+                   if k in previous and _flag_value(k, previous[k]) != _flag_value(k, _jsonable(getattr(args, k)))}
         if changed:
             raise TrainingSetupError(f"--resume {args.resume}: the checkpoint was trained with other values of "
                                      + ", ".join(f"--{k} (was {a!r}, now {b!r})" for k, (a, b) in changed.items()))
     set_seed(args.seed, device_specific=True)  # per-process noise/dropout streams
     with accelerator.main_process_first():  # "demo" writes its images on first use: once, not per process
         train_split, calibration_split, test_split = load_data(args)
+    data_identity = training_data_identity(args, train_split, calibration_split)
+    if args.resume:
+        check_same_training_data(args.resume, data_identity)
     model = build_model(args)
     processor = CNCImageProcessor(size=args.image_size)
     accelerator.wait_for_everyone()  # all processes passed the checks: now files may be written
 
+    if main_process and output_dir.is_dir():
+        from cnc_hf.atomic import finish_interrupted_save
+
+        finish_interrupted_save(output_dir)  # a final save killed half-way: complete it or drop it
     if main_process and args.overwrite_output_dir and args.resume is None:
-        for stale in ("checkpoints", "runs", "heatmaps", "train_log.jsonl", "metrics.json", "metrics.md"):
-            target = output_dir / stale
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        remove_previous_run(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
 
@@ -638,7 +723,8 @@ def main(argv=None) -> dict:
             accelerator.log({f"train/{k}": record[k] for k in LOSS_NAMES if record[k] is not None}
                             | {"train/epoch_seconds": seconds}, step=epoch + 1)
         if args.save_every and ((epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs):
-            save_checkpoint(accelerator, output_dir, epoch + 1, {"args": _jsonable(vars(args)), "world_size": world},
+            save_checkpoint(accelerator, output_dir, epoch + 1,
+                            {"args": _jsonable(vars(args)), "world_size": world, "data": data_identity},
                             args.save_total_limit)
 
     if epoch_seconds:
@@ -697,6 +783,11 @@ def main(argv=None) -> dict:
             print(format_metrics_table(metrics))
         print(f"finished model in {output_dir}")
     accelerator.wait_for_everyone()
+    # Free the DDP wrapper (its reducer holds the process group) before the group is destroyed: freed later,
+    # with main's frame, it hung one process at exit in ~1 of 11 two-process runs.
+    del model, optimizer
+    accelerator.free_memory()
+    gc.collect()
     accelerator.end_training()
     return {"metrics": metrics, **summary, "output_dir": str(output_dir)}
 
