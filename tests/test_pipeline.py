@@ -275,3 +275,25 @@ def test_a_processor_size_other_than_the_models_is_refused_naming_both(model_dir
     model = CNCModel.from_pretrained(model_dir)
     with pytest.raises(ValueError, match=r"resizes to 48 px .* trained at 32 px"):
         AnomalyMapPipeline(model=model, image_processor=CNCImageProcessor(size=48))
+
+
+def test_push_to_hub_uploads_the_complete_model_repo(model_dir, monkeypatch):
+    """`model.push_to_hub(repo)` (transformers' own method) uploads what save_pretrained writes: the same
+    files as cnc_hf's save_model_dir, pipeline code and processor included. The Hub calls are replaced."""
+    import types
+
+    import transformers.utils.hub as hf_hub_utils
+
+    uploaded = {}
+    monkeypatch.setattr(hf_hub_utils, "hf_api", lambda: types.SimpleNamespace(
+        create_repo=lambda repo_id, **kwargs: types.SimpleNamespace(repo_id=repo_id)))
+    monkeypatch.setattr(hf_hub_utils, "create_and_tag_model_card", lambda *args, **kwargs: types.SimpleNamespace(
+        save=lambda path: open(path, "w").write("card")))
+
+    def record(self, working_dir, repo_id, **kwargs):
+        uploaded[repo_id] = sorted(os.listdir(working_dir))
+        return "commit"
+
+    monkeypatch.setattr(CNCModel, "_upload_modified_files", record)
+    assert CNCModel.from_pretrained(model_dir).push_to_hub("org/cnc-test") == "commit"
+    assert uploaded["org/cnc-test"] == sorted([p.name for p in model_dir.iterdir()] + ["README.md"])
