@@ -23,9 +23,10 @@ install: $(PYTHON)
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
 	$(PYTHON) -m pip install -q -e .
 
-# The tests also cover the Gradio app (extra "app") in headless Chromium (Debian's package, as root).
+# The tests also cover the Gradio app (extra "app") in headless Chromium (Debian's package, as root)
+# and the ONNX export / ONNX Runtime path (extra "onnx").
 install-test: install
-	$(PYTHON) -m pip install -q -e ".[test,app]"
+	$(PYTHON) -m pip install -q -e ".[test,app,onnx]"
 	$(PYTHON) -m pip install -q --no-deps "$(OPEN_CLIP_SPEC)"
 	sh scripts/install_browser.sh
 

@@ -4,19 +4,31 @@
     model = CNCModel.from_clip_pretrained("openai/clip-vit-large-patch14-336")
 
 Importing the package registers "cnc" with AutoConfig/AutoModel and the
-"image-anomaly-detection" pipeline task.
+"image-anomaly-detection" pipeline task. Without torch installed, only the ONNX Runtime path
+(`cnc_hf.onnx_runtime`, `cnc-hf predict --onnx`) is available; the model's names say so when used.
 """
-
-from transformers import AutoConfig, AutoModel
-
-from cnc_hf.modeling import CNCConfig, CNCModel, CNCOutput
-from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
-
-AutoConfig.register("cnc", CNCConfig, exist_ok=True)
-AutoModel.register(CNCConfig, CNCModel, exist_ok=True)
-
-from cnc_hf.pipeline import AnomalyMapPipeline, save_model_dir  # noqa: E402  (registers the task)
 
 __version__ = "0.1.0"
 __all__ = ["AnomalyMapPipeline", "CNCConfig", "CNCImageProcessor", "CNCModel", "CNCOutput", "save_model_dir",
            "__version__"]
+
+try:
+    import torch  # noqa: F401
+except ImportError as missing:  # a deployment without torch: exported ONNX models only
+    _NO_TORCH = missing
+
+    def __getattr__(name):
+        if name in __all__:
+            raise ImportError(f"cnc_hf.{name} needs torch ({_NO_TORCH}); without torch, cnc_hf.onnx_runtime runs "
+                              "models exported with `cnc-hf export`")
+        raise AttributeError(f"module 'cnc_hf' has no attribute {name!r}")
+else:
+    from transformers import AutoConfig, AutoModel
+
+    from cnc_hf.modeling import CNCConfig, CNCModel, CNCOutput
+    from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
+
+    AutoConfig.register("cnc", CNCConfig, exist_ok=True)
+    AutoModel.register(CNCConfig, CNCModel, exist_ok=True)
+
+    from cnc_hf.pipeline import AnomalyMapPipeline, save_model_dir  # (registers the task)

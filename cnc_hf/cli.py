@@ -7,6 +7,8 @@ subcommand is that module's help:
     cnc-hf train ...                 = python -m cnc_hf_train.train ... (accelerate launch -m for many GPUs)
     cnc-hf evaluate --model DIR ...  = python -m cnc_hf.evaluation ...
     cnc-hf predict IMG... --model DIR [--output_dir DIR]
+    cnc-hf predict IMG... --onnx FILE   the same with ONNX Runtime, no torch
+    cnc-hf export --model DIR --output FILE.onnx   = python -m cnc_hf.onnx_export ...
     cnc-hf push MODEL_DIR REPO_ID    = python -m cnc_hf.hub push ...
     cnc-hf convert --format mvtec --root DIR --output_dir DIR   = python -m cnc_hf.data.convert ...
     cnc-hf app --model DIR_OR_ID     a Gradio app (extra "app": pip install -e ".[app]")
@@ -23,6 +25,7 @@ COMMANDS = {
     "train": (None, "train CNC (runs cnc_hf_train.train, the repository's training/train.py; see `cnc-hf train --help`)"),
     "evaluate": ("cnc_hf.evaluation", "evaluate a model dir on a data set: per-category table (markdown + JSON)"),
     "predict": ("cnc_hf.predict", "score images with a model and write heat-map overlays"),
+    "export": ("cnc_hf.onnx_export", "export a model to ONNX for ONNX Runtime (predict --onnx runs it without torch)"),
     "push": ("cnc_hf.hub", "upload a finished model dir (weights, code, card) to the Hugging Face Hub"),
     "convert": ("cnc_hf.data.convert", "turn a local MVTec AD / VisA folder into parquet shards (and push them)"),
     "app": ("cnc_hf.app", "start a Gradio app to try a model in the browser"),
@@ -53,11 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[command][0])
     if command == "push" and (not rest or rest[0] != "push"):
         rest = ["push", *rest]
-    from cnc_hf.hub import HubUnreachableError, ModelNotAvailableError
-
     try:
         result = module.main(rest)
-    except (ModelNotAvailableError, HubUnreachableError) as err:  # a mistyped folder, an unreachable Hub: one line
+    except Exception as err:  # a mistyped folder, an unreachable Hub: one line, exit 2
+        if type(err).__name__ not in ("ModelNotAvailableError", "HubUnreachableError"):
+            raise
         print(f"cnc-hf {command}: error: {err}", file=sys.stderr)
         return 2
     return int(result or 0)

@@ -3,6 +3,7 @@
     cnc-hf predict img1.png img2.jpg --model demo_output/model --output_dir predictions
     cnc-hf predict /data/mvtec/bottle/test --model demo_output/model       # a folder, recursively
     cnc-hf predict "/data/mvtec/*/test/*/000.png" --model demo_output/model  # a glob (quoted or not)
+    cnc-hf predict part.png --onnx cnc.onnx                                  # ONNX Runtime, no torch
 
 Inputs are image files, folders (searched recursively for .png/.jpg/.jpeg/.bmp/.tif/.tiff/.webp)
 and glob patterns. Outputs mirror the inputs' paths below their common folder, so images that
@@ -34,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnc-hf predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", help="image files, folders (recursive) or glob patterns")
-    parser.add_argument("--model", required=True, help="a model dir saved by training, or a Hub id")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a model dir saved by training, or a Hub id")
+    source.add_argument("--onnx", metavar="FILE", help="a .onnx file from `cnc-hf export`: ONNX Runtime, no torch needed")
     parser.add_argument("--output_dir", default="predictions", help="where overlays and maps go (default: %(default)s)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="decision threshold on the image score (default: the model's calibrated one)")
@@ -92,10 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     stems = output_stems(images, out)
     from tqdm.auto import tqdm
 
-    from cnc_hf.hub import load_pipeline
+    if args.onnx:
+        from cnc_hf.onnx_runtime import OnnxAnomalyDetector
 
-    pipe = load_pipeline(args.model, device=args.device)
-    threshold = args.threshold if args.threshold is not None else pipe.model.config.threshold
+        pipe = OnnxAnomalyDetector(args.onnx)
+        threshold = args.threshold if args.threshold is not None else pipe.threshold
+    else:
+        from cnc_hf.hub import load_pipeline
+
+        pipe = load_pipeline(args.model, device=args.device)
+        threshold = args.threshold if args.threshold is not None else pipe.model.config.threshold
     call = {"batch_size": args.batch_size, "threshold": threshold}
     out.mkdir(parents=True, exist_ok=True)
     records = []

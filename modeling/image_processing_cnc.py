@@ -7,7 +7,7 @@ input) and normalised with CLIP's mean/std; masks are resized with nearest neigh
 
 It is saved with the model (`preprocessor_config.json`) and copied next to it as remote code, so a
 loaded model preprocesses exactly as in training. That is also why this file imports only numpy,
-PIL, torch and transformers.
+PIL, transformers and (optionally) torch.
 
 Input conventions (one rule set for PIL, numpy and torch inputs):
 - Every input first becomes an 8-bit RGB PIL image of its own size (`to_rgb_pil`); resizing then
@@ -44,9 +44,15 @@ from typing import Any, Sequence
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
-import torch
-import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+
+from .heatmap import resize_bilinear
+
+try:  # optional: the torch-free ONNX Runtime path (cnc_hf.onnx_runtime) preprocesses with this file too
+    import torch
+    import torch.nn.functional as F
+except ImportError:
+    torch = F = None
 
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -142,7 +148,11 @@ def _uint8_to_rgb_pil(array: np.ndarray, where: str) -> PIL.Image.Image:
     raise ValueError(f"{where}: {channels} channels; expected 1, 2, 3 or 4")  # unreachable after _channels_last
 
 
-def _tensor_to_numpy(tensor: torch.Tensor, where: str) -> np.ndarray:
+def _is_tensor(value: Any) -> bool:
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _tensor_to_numpy(tensor, where: str) -> np.ndarray:
     # A meta or sparse tensor has no pixels to read: say so here rather than fail deep inside torch.
     if tensor.device.type == "meta" or tensor.layout != torch.strided:
         raise ValueError(f"{where}: a {tensor.device.type} tensor with layout {tensor.layout} holds no readable "
@@ -202,7 +212,7 @@ def to_rgb_pil(image: Any, index: int | None = None) -> PIL.Image.Image:
 def _array_channels_last(value: Any, where: str, what: str, expected: str) -> np.ndarray:
     """A numpy array (channels last) from a torch tensor (read CxHxW) or numpy array (read HxWxC);
     any other type is a ValueError naming `where`."""
-    if isinstance(value, torch.Tensor):
+    if _is_tensor(value):
         return _channels_last(_tensor_to_numpy(value, where), where, prefer_channels_first=True)
     if isinstance(value, np.ndarray):
         return _channels_last(value, where, prefer_channels_first=False)
@@ -247,7 +257,7 @@ def _as_list(inputs: Any, name: str, allow_none: bool = False) -> list:
     """One input or a batch -> a list. A 4-D array/tensor is a batch; lists/tuples are batches."""
     if isinstance(inputs, (list, tuple)):
         return list(inputs)
-    if isinstance(inputs, (np.ndarray, torch.Tensor)) and inputs.ndim == 4:
+    if (isinstance(inputs, np.ndarray) or _is_tensor(inputs)) and inputs.ndim == 4:
         return list(inputs)
     if inputs is None and not allow_none:
         raise ValueError(f"{name}: got None; expected an image or a list of images")
@@ -373,7 +383,10 @@ class CNCImageProcessor(BaseImageProcessor):
         Leading singleton axes ((1, H, W), (1, 1, H, W)) are accepted. Returns float32 (height, width).
         Note: PIL's `image.size` is (width, height); pass `(image.height, image.width)`.
         """
-        tensor = torch.as_tensor(np.asarray(anomaly_map) if not isinstance(anomaly_map, torch.Tensor) else anomaly_map)
+        if torch is None:  # the torch-free path: the same bilinear sampling in numpy (two output-size arrays)
+            tensor = np.asarray(anomaly_map, dtype=np.float32)
+        else:
+            tensor = torch.as_tensor(np.asarray(anomaly_map) if not _is_tensor(anomaly_map) else anomaly_map)
         while tensor.ndim > 2 and tensor.shape[0] == 1:
             tensor = tensor[0]
         if tensor.ndim != 2:
@@ -381,6 +394,8 @@ class CNCImageProcessor(BaseImageProcessor):
         height, width = (int(v) for v in original_size)
         if height < 1 or width < 1:
             raise ValueError(f"original_size: got {tuple(original_size)}; expected positive (height, width)")
+        if torch is None:
+            return resize_bilinear(tensor, height, width)
         tensor = tensor.detach().to("cpu", torch.float32)[None, None]
         resized = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)
         return resized[0, 0].numpy().astype(np.float32, copy=False)

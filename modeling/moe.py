@@ -80,19 +80,20 @@ class GatedMixtureOfExperts(nn.Module):
         self.experts = nn.ModuleList(ExpertMLP(hidden_size, inner) for _ in range(num_experts))
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """z (..., C) -> (z* (..., C), gates (R, T)) with R = number of tokens."""
+        """z (..., C) -> (z* (..., C), gates (R, T)) with R = number of tokens.
+
+        Dense dispatch: every expert runs on every token (two batched matmuls over the stacked expert
+        weights) and `gates`, zero outside each token's top K, weighs and sums them: exactly Eq. (14).
+        No shape depends on the routing, so torch.export / ONNX export trace it and a GPU makes no
+        host sync per expert; the cost is T/K times the experts' FLOPs, small beside the decoder's.
+        """
         flat = z.reshape(-1, z.shape[-1])
-        gates, indices, weights = route_top_k(self.router(flat), self.top_k, self.gating)
-        out = None
-        # One dispatch per expert (T iterations), never per patch or per image.
-        for t, expert in enumerate(self.experts):
-            rows, slot = (indices == t).nonzero(as_tuple=True)
-            if rows.numel() == 0:
-                continue
-            y = weights[rows, slot].unsqueeze(-1) * expert(flat[rows])
-            if out is None:
-                out = flat.new_zeros(flat.shape, dtype=y.dtype)
-            out.index_add_(0, rows, y.to(out.dtype))
-        if out is None:  # no tokens
-            out = torch.zeros_like(flat)
+        gates, _, _ = route_top_k(self.router(flat), self.top_k, self.gating)
+        fc1 = [expert.fc1 for expert in self.experts]
+        fc2 = [expert.fc2 for expert in self.experts]
+        hidden = torch.einsum("rc,tic->tri", flat, torch.stack([f.weight for f in fc1]))
+        hidden = self.experts[0].act(hidden + torch.stack([f.bias for f in fc1]).unsqueeze(1))  # (T, R, I)
+        outputs = torch.einsum("tri,tci->trc", hidden, torch.stack([f.weight for f in fc2]))
+        outputs = outputs + torch.stack([f.bias for f in fc2]).unsqueeze(1)  # (T, R, C)
+        out = torch.einsum("rt,trc->rc", gates.to(outputs.dtype), outputs)
         return out.reshape(z.shape), gates

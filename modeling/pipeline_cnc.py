@@ -42,33 +42,14 @@ import torch
 from transformers import Pipeline
 from transformers.utils import logging
 
+from .heatmap import HEATMAP_ALPHA, HEATMAP_MAX_SIDE, fit_within, jet_colormap
+from .heatmap import overlay_heatmap as _overlay
 from .image_processing_cnc import CNCImageProcessor, to_rgb_pil
 
 logger = logging.get_logger(__name__)
 
 TASK = "image-anomaly-detection"
-HEATMAP_MAX_SIDE = 2048
-HEATMAP_ALPHA = 0.5
-
-
-# --------------------------------------------------------------------------- heat map helpers
-def jet_colormap(values: np.ndarray) -> np.ndarray:
-    """Map values in [0, 1] to jet RGB (uint8, shape + (3,)): blue -> cyan -> green -> yellow -> red.
-
-    The classic piecewise-linear jet, computed through a 256-entry lookup table so that a large
-    map costs one uint8 index array and one gather (no matplotlib dependency).
-    """
-    x = np.linspace(0.0, 1.0, 256, dtype=np.float32)
-    lut = np.stack([np.clip(1.5 - np.abs(4.0 * x - c), 0.0, 1.0) for c in (3.0, 2.0, 1.0)], axis=-1)
-    lut = np.round(lut * 255.0).astype(np.uint8)
-    index = np.round(np.clip(np.nan_to_num(values, nan=0.0), 0.0, 1.0) * 255.0).astype(np.uint8)
-    return lut[index]
-
-
-def _fit_within(width: int, height: int, max_side: int) -> tuple[int, int]:
-    """(width, height) scaled down (never up) so that the long side is at most `max_side`."""
-    scale = min(1.0, max_side / max(width, height))
-    return max(1, round(width * scale)), max(1, round(height * scale))
+_fit_within = fit_within  # the name the tests and earlier code use
 
 
 def overlay_heatmap(
@@ -78,34 +59,16 @@ def overlay_heatmap(
     alpha: float = HEATMAP_ALPHA,
     max_side: int = HEATMAP_MAX_SIDE,
 ) -> PIL.Image.Image:
-    """Blend a jet-coloured anomaly map over `image` (RGB PIL) and return an RGB PIL image.
-
-    `anomaly_map` may have any resolution (typically the model's); it is resized to the output
-    size, which is `image`'s size capped at `max_side` on the long side. `value_range=(low, high)`
-    maps low -> blue and high -> red (values outside are clipped); None uses the map's min..max.
-    """
-    image = to_rgb_pil(image)
-    size = _fit_within(image.width, image.height, max_side)
-    if image.size != size:
-        image = image.resize(size, PIL.Image.Resampling.BILINEAR, reducing_gap=3.0)
-    amap = torch.as_tensor(np.asarray(anomaly_map) if not isinstance(anomaly_map, torch.Tensor) else anomaly_map)
-    amap = amap.detach().to("cpu", torch.float32)
+    """Blend a jet-coloured anomaly map over `image` (any input `to_rgb_pil` reads) and return an RGB PIL
+    image; `anomaly_map` may be a numpy array or a tensor. See `heatmap.overlay_heatmap`."""
+    if isinstance(anomaly_map, torch.Tensor):
+        anomaly_map = anomaly_map.detach().to("cpu", torch.float32).numpy()
+    amap = np.asarray(anomaly_map, dtype=np.float32)
     while amap.ndim > 2 and amap.shape[0] == 1:
         amap = amap[0]
     if amap.ndim != 2:
         raise ValueError(f"anomaly_map: shape {tuple(amap.shape)}; expected (H, W)")
-    amap = torch.nn.functional.interpolate(amap[None, None], size=(size[1], size[0]), mode="bilinear",
-                                           align_corners=False)[0, 0].numpy()
-    low, high = value_range if value_range is not None else (float(np.nanmin(amap)), float(np.nanmax(amap)))
-    span = high - low
-    # In place: at display size this is the largest float array the overlay makes.
-    amap -= low
-    if span > 0:
-        amap /= span
-    else:
-        amap.fill(0.0)
-    colours = PIL.Image.fromarray(jet_colormap(amap), "RGB")
-    return PIL.Image.blend(image, colours, alpha)
+    return _overlay(to_rgb_pil(image), amap, value_range, alpha, max_side)
 
 
 # --------------------------------------------------------------------------- input handling

@@ -80,3 +80,16 @@ def test_flop_count_of_the_encoder_matches_a_hand_count():
     assert round(counts["encoder_gflop"] * 1e9) in (conv + linear, conv + linear + attention)
     assert counts["head_step_gflop"] > 0 and counts["flop_bound_speedup"] > 1
     assert all(p.grad is None for p in model.parameters())  # the count leaves no gradients behind
+
+
+def test_onnx_benchmark_runs_and_checks_equality(tmp_path):
+    from cnc_hf_train import bench_onnx
+
+    result = bench_onnx.main(["--shape", "tiny", "--image_size", "64", "--repeats", "1",
+                              "--output", str(tmp_path / "onnx.json")])
+    assert [row["batch"] for row in result["rows"]] == [1, 8]
+    for row in result["rows"]:
+        assert row["ort_fp32_map"]["max_abs_diff"] < 1e-4 and row["ort_fp32_score_max_abs_diff"] < 1e-4
+        assert row["ort_int8_map"]["correlation"] > 0.9  # int8 drifts, but stays the same map
+        assert row["ort_fp32_img_s"] > 0 and row["ort_fp32_vs_torch_cnc"] > 0
+    assert json.loads((tmp_path / "onnx.json").read_text())["rows"][0]["batch"] == 1

@@ -174,6 +174,25 @@ def test_moe_output_is_weighted_sum_of_chosen_experts():
     assert torch.allclose(out.reshape(-1, 8), expected, atol=1e-6)
 
 
+def test_moe_dispatch_has_no_data_dependent_shapes_and_matches_per_expert_dispatch():
+    """torch.export traces the MoE (no nonzero/indexing by routing), and the dense dispatch equals the
+    per-expert dispatch (index the routed tokens, run the expert, add back) that it replaced."""
+    torch.manual_seed(0)
+    moe = GatedMixtureOfExperts(hidden_size=8, num_experts=5, top_k=2).eval()
+    z = torch.randn(2, 7, 8)
+    out, gates = moe(z)
+    flat = z.reshape(-1, 8)
+    _, indices, weights = route_top_k(moe.router(flat), 2)
+    reference = torch.zeros_like(flat)
+    for t, expert in enumerate(moe.experts):
+        rows, slot = (indices == t).nonzero(as_tuple=True)
+        reference.index_add_(0, rows, weights[rows, slot].unsqueeze(-1) * expert(flat[rows]))
+    assert torch.allclose(out.reshape(-1, 8), reference, atol=1e-6)
+    exported = torch.export.export(moe, (z,))
+    other = torch.randn(2, 7, 8)
+    assert torch.allclose(exported.module()(other)[0], moe(other)[0], atol=1e-6)
+
+
 def test_anomaly_map_by_hand():
     # 1x2 grid, one layer: patch 0 identical (distance 0), patch 1 orthogonal (distance 1)
     f = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])

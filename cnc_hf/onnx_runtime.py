@@ -1,0 +1,116 @@
+"""Run a model exported by `cnc-hf export` with ONNX Runtime: numpy, PIL and onnxruntime, no torch.
+
+    from cnc_hf.onnx_runtime import OnnxAnomalyDetector
+    detector = OnnxAnomalyDetector("cnc.onnx")
+    result = detector("part.png")            # or a PIL image, a numpy array, a list of them
+    result["score"], result["is_anomaly"], result["anomaly_map"], result["heatmap"]
+
+The result dict is the pipeline's (`AnomalyMapPipeline`): the same preprocessing (`CNCImageProcessor`
+with the settings stored in the ONNX file), the anomaly map resized to the image's own size with the
+same bilinear sampling, the decision at the calibrated threshold, and the same heat map. ONNX
+Runtime runs with all graph optimisations on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+METADATA_KEY = "cnc_hf"  # as written by cnc_hf.onnx_export
+
+
+class OnnxAnomalyDetector:
+    """A CNC model exported to ONNX, called like the pipeline.
+
+    Args:
+        path: the .onnx file written by `cnc-hf export`.
+        threshold: decision threshold on the image score (default: the calibrated one stored in the file).
+        providers: ONNX Runtime execution providers (default: CPU).
+        intra_op_threads: threads per operator (default: ONNX Runtime's choice).
+    """
+
+    def __init__(self, path: str | os.PathLike, threshold: float | None = None, providers: list[str] | None = None,
+                 intra_op_threads: int | None = None):
+        import onnxruntime as ort
+
+        from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ValueError(f"onnx model {path!r}: no such file; write one with `cnc-hf export`")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        self.session = ort.InferenceSession(path, options, providers=providers or ["CPUExecutionProvider"])
+        stored = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        if stored is None:
+            raise ValueError(f"onnx model {path!r}: no {METADATA_KEY!r} metadata; expected a file written by "
+                             "`cnc-hf export`")
+        self.metadata = json.loads(stored)
+        self.image_size = int(self.metadata["image_size"])
+        self.processor = CNCImageProcessor(**self.metadata["processor"])
+        self.threshold = self.metadata.get("threshold") if threshold is None else float(threshold)
+
+    def run(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The raw graph: (B, 3, S, S) float32 -> (anomaly_map (B, S, S), image_score (B,))."""
+        pixel_values = np.asarray(pixel_values)
+        expected = (3, self.image_size, self.image_size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(f"pixel_values: shape {tuple(pixel_values.shape)}; expected (B, {expected[0]}, "
+                             f"{expected[1]}, {expected[2]}) as CNCImageProcessor(size={self.image_size}) makes it")
+        if pixel_values.dtype != np.float32:
+            raise ValueError(f"pixel_values: dtype {pixel_values.dtype}; expected float32")
+        anomaly_map, image_score = self.session.run(None, {"pixel_values": pixel_values})
+        return anomaly_map, image_score
+
+    def __call__(self, images: Any, batch_size: int = 8, threshold: float | None = None,
+                 return_heatmap: bool = True):
+        """Score one image or a list of them; returns one result dict, or a list for a list."""
+        from cnc_hf.modeling.heatmap import overlay_heatmap
+
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        threshold = self.threshold if threshold is None else float(threshold)
+        if threshold is not None and not math.isfinite(threshold):
+            raise ValueError(f"threshold: got {threshold!r}; expected a finite number")
+        results = []
+        for start in range(0, len(items), max(1, int(batch_size))):
+            rgbs = [_load_rgb(item) for item in items[start:start + batch_size]]
+            pixel_values = self.processor(rgbs, return_tensors="np")["pixel_values"]
+            maps, scores = self.run(pixel_values)
+            for rgb, small, score in zip(rgbs, maps, scores):
+                heatmap = None
+                if return_heatmap:  # coloured from the model-resolution map, as the pipeline does
+                    value_range = (0.0, 2.0 * threshold) if threshold is not None and threshold > 0 else None
+                    heatmap = overlay_heatmap(rgb, small, value_range)
+                results.append({
+                    "score": float(score),
+                    "is_anomaly": None if threshold is None else bool(score >= threshold),
+                    "anomaly_map": self.processor.postprocess_anomaly_map(small, (rgb.height, rgb.width)),
+                    "heatmap": heatmap,
+                })
+        return results[0] if single else results
+
+
+def _load_rgb(item: Any):
+    """Any input the image processor reads -> 8-bit RGB PIL image; a ValueError naming the input otherwise."""
+    import PIL.Image
+
+    from cnc_hf.modeling.image_processing_cnc import to_rgb_pil
+
+    where = f"image {os.fspath(item)!r}" if isinstance(item, (str, os.PathLike)) else f"input of type {type(item).__name__}"
+    if isinstance(item, np.ndarray):
+        where = f"numpy array of shape {item.shape} and dtype {item.dtype}"
+    try:
+        return to_rgb_pil(item)
+    except FileNotFoundError:
+        raise ValueError(f"{where}: no such file") from None
+    except (PIL.UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"{where}: not a readable image ({err})") from err
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{where}: {str(err).removeprefix('images: ')}") from err
