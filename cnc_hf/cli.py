@@ -27,7 +27,7 @@ COMMANDS = {
     "predict": ("cnc_hf.predict", "score images with a model and write heat-map overlays"),
     "export": ("cnc_hf.onnx_export", "export a model to ONNX for ONNX Runtime (predict --onnx runs it without torch)"),
     "push": ("cnc_hf.hub", "upload a finished model dir (weights, code, card) to the Hugging Face Hub"),
-    "convert": ("cnc_hf.data.convert", "turn a local MVTec AD / VisA folder into parquet shards (and push them)"),
+    "convert": ("cnc_hf.data.convert", "turn local MVTec AD / VisA / image folders into parquet shards (and push them)"),
     "app": ("cnc_hf.app", "start a Gradio app to try a model in the browser"),
 }
 

@@ -1,6 +1,8 @@
 """Evaluation of a CNC model on an anomaly data set: the loop shared by training and the command line.
 
     python -m cnc_hf.evaluation --model out/cnc-mvtec --dataset mvtec --data_dir /data/mvtec_ad
+    python -m cnc_hf.evaluation --model out/my-part --dataset folder --normal_dir my_part/good \
+        --abnormal_dir my_part/scratch my_part/dent [--mask_dir my_part/masks]   (your own folders)
     accelerate launch -m cnc_hf.evaluation --model ... (the test set is sharded over the processes)
 
 writes `metrics.json` (pooled, per category and the paper's mean over categories) and `metrics.md`
@@ -151,6 +153,10 @@ def evaluate_model(model, processor, dataset_split, batch_size: int = 8, acceler
     - "world_size": the number of processes that shared the work,
     - "threshold": image-level precision/recall/F1 at `model.config.threshold`, if one is set.
 
+    Rows without a mask: good images count as all-normal ground truth; anomalous images without a mask
+    (image-level labels only) count for image metrics only. Pixel metrics are None where no anomalous
+    image has a mask, and the counts (`num_images_pixel`, `num_anomalous_with_mask`) say what they used.
+
     `heatmap_dir`: write up to `max_heatmaps` PNGs there (spread over the categories, anomalous
     images first), each image | anomaly map over the image | ground truth.
     """
@@ -171,15 +177,18 @@ def evaluate_model(model, processor, dataset_split, batch_size: int = 8, acceler
                                               progress, desc="evaluate"):
         for i, path in enumerate(batch["paths"]):  # each process draws the images of its own shard
             if path in wanted:
+                known = bool(batch["has_mask"][i]) or int(batch["labels"][i]) == 0
                 _write_heatmap(Path(heatmap_dir), path, batch["categories"][i], batch["pixel_values"][i], maps[i],
-                               batch["masks"][i], processor, threshold)
+                               batch["masks"][i] if known else None, processor, threshold)
         device = scores.device
         labels = batch["labels"].to(device)
         masks = batch["masks"].to(device=device, dtype=torch.uint8)  # gloo gathers no bool
+        has_mask = batch["has_mask"].to(device=device, dtype=torch.uint8)
         cats = torch.tensor([ids[c] for c in batch["categories"]], device=device)
-        scores, labels, maps, masks, cats = _gather(accelerator, (scores, labels, maps, masks, cats))
+        scores, labels, maps, masks, cats, has_mask = _gather(accelerator, (scores, labels, maps, masks, cats, has_mask))
         if main:  # the gathered maps of a whole test set are large: one process keeps them
-            accumulator.update(scores, labels, maps.cpu(), masks.cpu().bool(), categories=cats)
+            accumulator.update(scores, labels, maps.cpu(), masks.cpu().bool(), categories=cats,
+                               has_mask=has_mask.cpu().bool())
             all_scores.append(scores.cpu().double().numpy())
             all_labels.append(labels.cpu().numpy())
 
@@ -215,9 +224,10 @@ def _heatmap_paths(dataset_split, limit: int) -> set[str]:
 
 
 def _write_heatmap(out_dir: Path, path: str, category: str, pixel_values: torch.Tensor, anomaly_map: torch.Tensor,
-                   mask: torch.Tensor, processor, threshold: float | None) -> None:
+                   mask: torch.Tensor | None, processor, threshold: float | None) -> None:
     """image | map over image | ground truth, side by side, at the model's resolution. Coloured as the
-    pipeline does (`overlay_heatmap`): 0 to 2x the threshold when one is known, else per image."""
+    pipeline does (`overlay_heatmap`): 0 to 2x the threshold when one is known, else per image. A defect
+    image without a mask (`mask` None) gets a gray third panel: unknown, not "no defect"."""
     import PIL.Image
 
     from cnc_hf.modeling.pipeline_cnc import overlay_heatmap
@@ -228,7 +238,10 @@ def _write_heatmap(out_dir: Path, path: str, category: str, pixel_values: torch.
     image = PIL.Image.fromarray((pixels * 255).round().astype(np.uint8), "RGB")
     value_range = (0.0, 2.0 * threshold) if threshold else None
     overlay = overlay_heatmap(image, anomaly_map.float().cpu(), value_range)
-    truth = PIL.Image.fromarray((mask.float().cpu().numpy() * 255).astype(np.uint8), "L").convert("RGB")
+    if mask is None:
+        truth = PIL.Image.new("RGB", image.size, (128, 128, 128))
+    else:
+        truth = PIL.Image.fromarray((mask.float().cpu().numpy() * 255).astype(np.uint8), "L").convert("RGB")
     panel = PIL.Image.new("RGB", (3 * image.width, image.height))
     for i, part in enumerate((image, overlay, truth)):
         panel.paste(part, (i * image.width, 0))
@@ -262,9 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help="a model dir saved by training/train.py (or a Hub id)")
     parser.add_argument("--dataset", required=True,
-                        help="mvtec, visa, demo, a parquet dataset dir or a Hub dataset id")
-    parser.add_argument("--data_dir", default=None, help="the dataset folder (required for mvtec/visa/demo)")
+                        help="mvtec, visa, demo, folder (your own image folders: --normal_dir, --abnormal_dir, ...), "
+                             "a parquet dataset dir or a Hub dataset id")
+    parser.add_argument("--data_dir", default=None,
+                        help="the dataset folder (required for mvtec/visa/demo); for folder, optionally a JSON/YAML "
+                             "file listing the folders per category")
     parser.add_argument("--categories", nargs="+", default=None, help="evaluate only these categories")
+    from cnc_hf.data.folder import add_folder_arguments
+
+    add_folder_arguments(parser.add_argument_group("your own image folders (--dataset folder)"))
     parser.add_argument("--output_dir", default=None,
                         help="where metrics.json/metrics.md (and heatmaps/) go (default: <model>/evaluation for a "
                              "local model dir, ./evaluation otherwise)")
@@ -278,9 +297,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise SystemExit(f"--batch_size must be >= 1, got {args.batch_size}")
+    from cnc_hf.data.folder import folder_arguments
+
+    try:
+        folder_kwargs = folder_arguments(args, args.data_dir)
+    except ValueError as err:
+        parser.error(str(err))
     from accelerate import Accelerator
 
     from cnc_hf.data import load_anomaly_dataset
@@ -299,7 +325,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--model {args.model}: no config.json there; expected a model dir saved by training.")
 
     accelerator = Accelerator(cpu=args.cpu)
-    dataset = load_anomaly_dataset(args.dataset, data_dir=args.data_dir, categories=args.categories)
+    try:
+        dataset = load_anomaly_dataset(args.dataset, data_dir=args.data_dir, categories=args.categories,
+                                       **folder_kwargs)
+    except (FileNotFoundError, ValueError) as err:  # AnomalyDatasetError too: the message names the path
+        raise SystemExit(f"--dataset {args.dataset}: {err}") from err
     test = dataset["test"]
     model = CNCModel.from_pretrained(args.model, dtype=torch.float32).to(accelerator.device)
     processor = CNCImageProcessor.from_pretrained(args.model)
@@ -309,7 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              num_workers=args.num_workers)
     if accelerator.is_main_process:
         extra = {"evaluation": {"model": str(args.model), "dataset": str(args.dataset),
-                                "data_dir": None if args.data_dir is None else str(args.data_dir), "split": "test"}}
+                                "data_dir": None if args.data_dir is None else str(args.data_dir), "split": "test",
+                                **{k: (str(v) if isinstance(v, Path) else v) for k, v in folder_kwargs.items()}}}
         json_path, md_path = write_metrics(metrics, output_dir, extra)
         from cnc_hf.metrics import format_metrics_table
 

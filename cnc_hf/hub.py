@@ -133,15 +133,20 @@ def _check_metric(value: Any, where: str) -> float:
 
 
 def _metric_rows(metrics: Mapping[str, Any]) -> list[tuple[str | None, dict[str, float]]]:
-    """[(category or None for the mean/pooled row, {key: fraction})], validated."""
+    """[(category or None for the mean/pooled row, {key: fraction})], validated.
+
+    A metric that is None (null in metrics.json: pixel metrics where no anomalous image has a mask) is
+    absent, so model-index never reports a value that was not measured; the table shows it as "-".
+    """
     rows = []
     per_category = metrics.get("per_category") or {}
     summary = metrics.get("mean") if per_category else metrics
     if summary:
-        rows.append((None, {k: _check_metric(summary[k], f"[{k!r}]") for k in METRIC_KEYS if k in summary}))
+        rows.append((None, {k: _check_metric(summary[k], f"[{k!r}]") for k in METRIC_KEYS
+                            if summary.get(k) is not None}))
     for category, values in per_category.items():
         rows.append((str(category), {k: _check_metric(values[k], f"['per_category'][{category!r}][{k!r}]")
-                                     for k in METRIC_KEYS if k in values}))
+                                     for k in METRIC_KEYS if values.get(k) is not None}))
     return [(c, v) for c, v in rows if v]
 
 

@@ -21,6 +21,12 @@ SIMD, and counted with a binary search; only the positives are arg-sorted.
 
 The paper's "Mean" row is the mean over categories (each category evaluated on its own), not
 the metric of all images pooled; :func:`compute_anomaly_metrics` returns both.
+
+Images without pixel ground truth (your own folders often label defects per image only): a good
+image's missing mask is ground truth (all its pixels are normal), a defect image without a mask has
+none. Pass ``has_mask`` and pixel metrics use only the images with pixel ground truth (good images and
+defect images with a mask); where no defect image has a mask they are ``None`` (null in JSON, "-" in
+tables), never computed on placeholder all-zero masks. Every result says how many images it used.
 """
 from __future__ import annotations
 
@@ -39,9 +45,11 @@ __all__ = [
     "PIXEL_KEYS",
     "PAPER_KEYS",
     "AUPRO_FPR_LIMIT",
+    "COUNT_KEYS",
     "compute_anomaly_metrics",
     "AnomalyMetricAccumulator",
     "format_metrics_table",
+    "pixel_coverage_note",
     "EVALUATE_MODULE_PATH",
 ]
 
@@ -59,6 +67,10 @@ PIXEL_KEYS = METRIC_KEYS[3:]  # need anomaly maps and masks
 # The five numbers the paper averages into "mTotal", in the paper's column order.
 PAPER_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap")
 AUPRO_FPR_LIMIT = 0.3
+# How many images a result used: all of them for the image metrics; for the pixel metrics (with maps) those
+# with pixel ground truth, of which so many defect images with a mask. The mean row counts categories.
+COUNT_KEYS = ("num_images", "num_anomalous", "num_images_pixel", "num_anomalous_with_mask")
+MEAN_COUNT_KEYS = ("num_categories", "num_categories_pixel")
 
 # `evaluate.load(EVALUATE_MODULE_PATH)` gives the same metrics as an `evaluate` module.
 EVALUATE_MODULE_PATH = str(Path(__file__).with_name("evaluate_metric") / "cnc_anomaly_metrics.py")
@@ -280,7 +292,7 @@ def _squeeze_channel(x: np.ndarray) -> np.ndarray:
     return x[:, 0] if x.ndim == 4 and x.shape[1] == 1 else x
 
 
-def _validate(image_scores, image_labels, anomaly_maps, masks, categories, category_names):
+def _validate(image_scores, image_labels, anomaly_maps, masks, categories, category_names, has_mask=None):
     scores = _to_numpy(image_scores, "image_scores")
     labels = _to_numpy(image_labels, "image_labels")
     if scores.size == 0:
@@ -307,6 +319,11 @@ def _validate(image_scores, image_labels, anomaly_maps, masks, categories, categ
         masks = _as_binary(masks, "masks")
     else:
         maps = None
+    if has_mask is not None:
+        has_mask = _to_numpy(has_mask, "has_mask")
+        if has_mask.shape != scores.shape:
+            raise ValueError(f"has_mask must have one entry per image ({scores.shape[0]}), got shape {has_mask.shape}.")
+        has_mask = _as_binary(has_mask, "has_mask")
 
     if categories is not None:
         categories = _to_numpy(categories)
@@ -320,7 +337,7 @@ def _validate(image_scores, image_labels, anomaly_maps, masks, categories, categ
         if category_names is not None and not set(categories) <= set(map(str, category_names)):
             unknown = sorted(set(categories) - set(map(str, category_names)))
             raise ValueError(f"categories {unknown} are not in category_names.")
-    return scores, labels, maps, masks, categories
+    return scores, labels, maps, masks, categories, has_mask
 
 
 # ----------------------------------------------------------------------------- public API
@@ -333,6 +350,20 @@ def _subset(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return x[idx]
 
 
+def _image_counts(labels: np.ndarray) -> dict:
+    return {"num_images": int(labels.size), "num_anomalous": int(labels.sum())}
+
+
+def _pixel_rows(labels: np.ndarray, known: Optional[np.ndarray], idx: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The images of `idx` with pixel ground truth, and their counts."""
+    rows = idx if known is None else idx[known[idx]]
+    return rows, {"num_images_pixel": int(rows.size), "num_anomalous_with_mask": int(labels[rows].sum())}
+
+
+def _no_pixel_metrics() -> dict:
+    return {key: None for key in PIXEL_KEYS}
+
+
 def compute_anomaly_metrics(
     image_scores,
     image_labels,
@@ -341,6 +372,7 @@ def compute_anomaly_metrics(
     categories=None,
     *,
     category_names: Optional[Sequence[str]] = None,
+    has_mask=None,
 ) -> dict:
     """Image and pixel metrics of an anomaly detector, exact and fast.
 
@@ -354,13 +386,22 @@ def compute_anomaly_metrics(
             `category_names`); adds per-category metrics and their mean.
         category_names: names of the integer category ids; also the order of the results
             (default: sorted names).
+        has_mask: optional (N,) bool, whether each image came with a mask (default: all did).
+            An anomalous image without one has no pixel ground truth: pixel metrics leave it out
+            (its `masks` entry is ignored). Normal images always count: their pixels are all normal.
 
     Arrays may be numpy arrays, lists or torch tensors.
 
     Returns:
         ``{key: value for key in METRIC_KEYS}`` over all images pooled (pixel keys only with
-        maps), every value in [0, 1]; with `categories` also ``"per_category": {name: {...}}``
-        and ``"mean": {...}``, the mean over categories -- the paper's "Mean" row.
+        maps), every value in [0, 1], plus the counts ``num_images`` and ``num_anomalous`` and,
+        with maps, ``num_images_pixel`` (images with pixel ground truth, which the pixel metrics
+        use) and ``num_anomalous_with_mask``. With `categories` also
+        ``"per_category": {name: {...}}`` and ``"mean": {...}``, the mean over categories -- the
+        paper's "Mean" row -- with ``num_categories`` and, with maps, ``num_categories_pixel``.
+
+        Pixel metrics are ``None`` for a set (or category) in which no anomalous image has a mask;
+        the mean of a pixel metric is over the categories that have it (``None`` if none has).
 
     AUPRO follows MVTec AD: FPR over all normal pixels, PRO the mean over all ground-truth
     regions (8-connected, per image) of the fraction of the region at or above the threshold,
@@ -368,42 +409,77 @@ def compute_anomaly_metrics(
 
     Raises:
         ValueError: on mismatched shapes, non-finite scores, non-binary labels/masks, or a set
-            (or category) with a single class, naming the offending argument.
+            (or category) with a single class, naming the offending argument. Anomalous images
+            with masks that hold no anomalous pixel at all are refused too.
     """
-    scores, labels, maps, masks, categories = _validate(
-        image_scores, image_labels, anomaly_maps, masks, categories, category_names
+    scores, labels, maps, masks, categories, has_mask = _validate(
+        image_scores, image_labels, anomaly_maps, masks, categories, category_names, has_mask
     )
-    result = _image_metrics(scores, labels)
+    # Images with pixel ground truth; None = all of them (keeps contiguous slices, no copies).
+    known = None if has_mask is None or has_mask.all() else (has_mask | ~labels)
+    everything = np.arange(scores.size)
+    result = {**_image_metrics(scores, labels), **_image_counts(labels)}
     regions = _label_regions(masks) if maps is not None else None
     if categories is None:
         if maps is not None:
-            result.update(_pixel_metrics(*_pixel_parts(maps, masks, regions)))
-        return result
+            rows, counts = _pixel_rows(labels, known, everything)
+            pixel = (_pixel_metrics(*_pixel_parts(_subset(maps, rows), _subset(masks, rows), _subset(regions, rows)))
+                     if counts["num_anomalous_with_mask"] else _no_pixel_metrics())
+            result.update({**pixel, **counts})
+        return _in_key_order(result)
 
     names = [str(n) for n in (dict.fromkeys(category_names) if category_names is not None else sorted(set(categories)))]
     groups = {name: idx for name in names if (idx := np.flatnonzero(categories == name)).size}
     per_category = {
-        name: _image_metrics(scores[idx], labels[idx], f" of category {name!r}") for name, idx in groups.items()
+        name: {**_image_metrics(scores[idx], labels[idx], f" of category {name!r}"), **_image_counts(labels[idx])}
+        for name, idx in groups.items()
     }
     if maps is not None:
+        pixel_rows = {}
+        for name, idx in groups.items():
+            rows, counts = _pixel_rows(labels, known, idx)
+            per_category[name].update(counts)
+            if rows.size:
+                pixel_rows[name] = rows
+        with_truth = [name for name in pixel_rows if per_category[name]["num_anomalous_with_mask"]]
         # numpy releases the GIL in the heavy steps (masking, sorting, searching), so the
         # categories run in parallel threads.
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            parts = list(pool.map(
-                lambda idx: _pixel_parts(_subset(maps, idx), _subset(masks, idx), _subset(regions, idx)),
-                groups.values(),
-            ))
-            # Pooled pixel metrics from the categories' pixels: extracted once, sorted again.
-            pooled = pool.submit(_pooled_pixel_metrics, parts)
-            per_pixel = pool.map(
-                lambda item: _pixel_metrics(*item[1], f" of category {item[0]!r}"), zip(groups, parts)
-            )
-            for name, pixel in zip(groups, per_pixel):
-                per_category[name].update(pixel)
-            result.update(pooled.result())
-    result["per_category"] = per_category
-    result["mean"] = {k: float(np.mean([m[k] for m in per_category.values()])) for k in METRIC_KEYS if k in result}
-    return result
+            parts = dict(zip(pixel_rows, pool.map(
+                lambda rows: _pixel_parts(_subset(maps, rows), _subset(masks, rows), _subset(regions, rows)),
+                pixel_rows.values(),
+            )))
+            # Pooled pixel metrics from the categories' pixels (every image with pixel ground truth, also the
+            # normal images of categories without masks): extracted once, sorted again.
+            pooled = pool.submit(_pooled_pixel_metrics, list(parts.values())) if with_truth else None
+            per_pixel = pool.map(lambda name: _pixel_metrics(*parts[name], f" of category {name!r}"), with_truth)
+            pixel_by_name = dict(zip(with_truth, per_pixel))
+            for name in groups:
+                per_category[name].update(pixel_by_name.get(name) or _no_pixel_metrics())
+            _, counts = _pixel_rows(labels, known, everything)
+            result.update({**(pooled.result() if pooled is not None else _no_pixel_metrics()), **counts})
+    result["per_category"] = {name: _in_key_order(values) for name, values in per_category.items()}
+    result["mean"] = _mean_over_categories(per_category, [k for k in METRIC_KEYS if k in result], maps is not None)
+    return _in_key_order(result)
+
+
+def _in_key_order(result: dict) -> dict:
+    """Metrics first (METRIC_KEYS order), then counts, then the rest: metrics.json reads top to bottom."""
+    order = {key: i for i, key in enumerate(METRIC_KEYS + COUNT_KEYS + MEAN_COUNT_KEYS)}
+    return dict(sorted(result.items(), key=lambda item: order.get(item[0], len(order))))
+
+
+def _mean_over_categories(per_category: Mapping[str, dict], keys: Sequence[str], pixel: bool) -> dict:
+    """The paper's "Mean" row: each metric's mean over the categories that have it (a pixel metric is
+    None in a category without masks; None here when no category has it)."""
+    mean = {}
+    for key in keys:
+        values = [m[key] for m in per_category.values() if m.get(key) is not None]
+        mean[key] = float(np.mean(values)) if values else None
+    mean["num_categories"] = len(per_category)
+    if pixel:
+        mean["num_categories_pixel"] = sum(m.get("pixel_auroc") is not None for m in per_category.values())
+    return mean
 
 
 class AnomalyMetricAccumulator:
@@ -417,10 +493,11 @@ class AnomalyMetricAccumulator:
         metric = AnomalyMetricAccumulator(category_names=["bottle", "cable", ...])
         for batch in loader:
             out = model(**batch)
-            scores, labels, maps, masks, cats = accelerator.gather_for_metrics(
-                (out.image_scores, batch["label"], out.anomaly_maps, batch["mask"], batch["category_id"])
+            scores, labels, maps, masks, cats, has_mask = accelerator.gather_for_metrics(
+                (out.image_scores, batch["label"], out.anomaly_maps, batch["mask"], batch["category_id"],
+                 batch["has_mask"])
             )
-            metric.update(scores, labels, maps, masks, categories=cats)
+            metric.update(scores, labels, maps, masks, categories=cats, has_mask=has_mask)
         if accelerator.is_main_process:
             results = metric.compute()
     """
@@ -431,14 +508,17 @@ class AnomalyMetricAccumulator:
 
     def reset(self) -> None:
         self._scores, self._labels, self._maps, self._masks, self._categories = [], [], [], [], []
+        self._has_mask = []
 
     def __len__(self) -> int:
         return sum(s.shape[0] for s in self._scores)
 
-    def update(self, image_scores, image_labels, anomaly_maps=None, masks=None, categories=None) -> None:
+    def update(self, image_scores, image_labels, anomaly_maps=None, masks=None, categories=None,
+               has_mask=None) -> None:
         """Add one batch; same arguments as :func:`compute_anomaly_metrics` (categories as ids
-        into `category_names` if given, else strings)."""
-        scores, labels, maps, masks, _ = _validate(image_scores, image_labels, anomaly_maps, masks, None, None)
+        into `category_names` if given, else strings; `has_mask` None = every image has its mask)."""
+        scores, labels, maps, masks, _, has_mask = _validate(image_scores, image_labels, anomaly_maps, masks, None,
+                                                             None, has_mask)
         if self._scores:
             if (maps is None) != (not self._maps):
                 raise ValueError("anomaly_maps were given for some batches and not for others.")
@@ -454,6 +534,7 @@ class AnomalyMetricAccumulator:
         # Copies: the arrays may share memory with the caller's tensors or reused buffers.
         self._scores.append(scores.copy())
         self._labels.append(labels.copy())
+        self._has_mask.append(np.ones(scores.shape, dtype=bool) if has_mask is None else has_mask.copy())
         if maps is not None:
             self._maps.append(maps.copy())
             self._masks.append(masks.copy())
@@ -470,6 +551,7 @@ class AnomalyMetricAccumulator:
             cat(self._masks),
             cat(self._categories),
             category_names=self.category_names,
+            has_mask=cat(self._has_mask),
         )
 
 
@@ -487,15 +569,47 @@ _TABLE_COLUMNS = (
 )
 
 
-def _table_row(label: str, metrics: Mapping[str, float]) -> str:
+def _table_row(label: str, metrics: Mapping[str, float], total: bool = True) -> str:
+    """One row; "-" where a metric is absent (None, e.g. pixel metrics without masks), never 0.
+    `total=False`: no mTotal (a Mean row whose pixel metrics cover only some categories)."""
     cells = [label]
     for _, key in _TABLE_COLUMNS:
         if key is None:  # mTotal: mean of the paper's five numbers
-            value = np.mean([metrics[k] for k in PAPER_KEYS]) if all(k in metrics for k in PAPER_KEYS) else None
+            complete = total and all(metrics.get(k) is not None for k in PAPER_KEYS)
+            value = np.mean([metrics[k] for k in PAPER_KEYS]) if complete else None
         else:
             value = metrics.get(key)
         cells.append("-" if value is None else f"{100 * value:.1f}")
     return "| " + " | ".join(cells) + " |"
+
+
+def _count_text(counts: Mapping[str, Any]) -> str:
+    text = (f"{counts['num_images']} / {counts['num_images_pixel']} "
+            f"({counts['num_anomalous_with_mask']} of {counts['num_anomalous']} anomalous with a mask)")
+    return text + (", pixel metrics absent" if not counts["num_anomalous_with_mask"] else "")
+
+
+def pixel_coverage_note(metrics: Mapping[str, Any]) -> str | None:
+    """Below the table, when some anomalous images have no mask: what the pixel metrics used, per row.
+
+    None when every image has pixel ground truth (MVTec AD, VisA) or the counts are not there (metrics
+    written before they were), so those tables stay as they were.
+    """
+    per_category = list(metrics.get("per_category", {}).items())
+    rows = per_category + ([("all", metrics)] if len(per_category) != 1 else [])  # one category: "all" repeats it
+    rows = [(name, m) for name, m in rows if all(k in m for k in COUNT_KEYS)]
+    if not any(m["num_images_pixel"] < m["num_images"] for _, m in rows):
+        return None
+    lines = ["Pixel metrics (P-AUROC, AUPRO, P-AP, P-F1max) use only the images with pixel ground truth: good images "
+             "and anomalous images with a mask. \"-\" = absent: no anomalous image there has a mask (it is not 0); "
+             "mTotal needs all five of its metrics (in the Mean row, over every category).", "",
+             "Images used, all (image metrics) / with pixel ground truth (pixel metrics):"]
+    lines += [f"- {name}: {_count_text(m)}" for name, m in rows]
+    mean = metrics.get("mean") or {}
+    if 0 < mean.get("num_categories_pixel", 0) < mean.get("num_categories", 0):
+        lines.append(f"- Mean: pixel metrics over the {mean['num_categories_pixel']} of {mean['num_categories']} "
+                     "categories that have them")
+    return "\n".join(lines)
 
 
 def format_metrics_table(metrics: Mapping[str, Any]) -> str:
@@ -504,12 +618,19 @@ def format_metrics_table(metrics: Mapping[str, Any]) -> str:
     One row per category and a "Mean" row (mean over categories, as in the paper) when
     `metrics` has per-category results, else one "all" row. mTotal is the mean of I-AUROC,
     P-AUROC, AUPRO, I-AP and P-AP; F1-max columns come after it (ADer's extra metrics).
+    Absent metrics show as "-"; when some anomalous images had no mask, a note after the table
+    says how many images the pixel metrics used (`pixel_coverage_note`).
     """
     header = "| Category | " + " | ".join(name for name, _ in _TABLE_COLUMNS) + " |"
     lines = [header, "|" + "---|" * (len(_TABLE_COLUMNS) + 1)]
     if "per_category" in metrics:
         lines += [_table_row(name, m) for name, m in metrics["per_category"].items()]
-        lines.append(_table_row("**Mean**", metrics["mean"]))
+        mean = metrics["mean"]
+        partial = mean.get("num_categories_pixel", mean.get("num_categories")) != mean.get("num_categories")
+        lines.append(_table_row("**Mean**", mean, total=not partial))
     else:
         lines.append(_table_row("all", metrics))
+    note = pixel_coverage_note(metrics)
+    if note:
+        lines += ["", note]
     return "\n".join(lines)

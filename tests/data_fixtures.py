@@ -173,3 +173,41 @@ def write_rotated_defect(root: Path, mask_size: tuple[int, int], image_format: s
     pixels[:4, :4] = 255
     PIL.Image.fromarray(pixels, "L").save(mask)
     return image, mask
+
+
+def write_folder_set(root: Path, n_good: int = 10, defects: dict | None = None, size: tuple[int, int] = (32, 24),
+                     masks_for: tuple[str, ...] = (), mask_layout: str = "flat") -> dict:
+    """Your own data as an inspection engineer has it: `root/good/*.png` (plus one in a subfolder) and one
+    folder per defect (`root/<defect>/*`, one image in a nested subfolder), no masks unless `masks_for`
+    names images ("scratch/001", ...): their masks go to `root/masks/`, flat as `<stem>_mask.png`
+    (mask_layout "flat") or per defect folder as `<defect>/<stem>.png` ("per_defect").
+
+    Returns {"good": [paths], "defects": {defect: [paths]}, "masks": {image path: mask array}}.
+    """
+    defects = {"scratch": 3, "dent": 2} if defects is None else defects
+    expected = {"good": [], "defects": {}, "masks": {}}
+    seed = 500
+    for i in range(n_good):
+        seed += 1
+        path = root / "good" / ("nested" if i == n_good - 1 else "") / f"{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        PIL.Image.fromarray(image_array("RGB", size, seed)).save(path)
+        expected["good"].append(str(path))
+    (root / "good" / "Thumbs.db").write_bytes(b"\x00junk")  # Windows litter: must be ignored
+    for defect, count in defects.items():
+        expected["defects"][defect] = []
+        for i in range(count):
+            seed += 1
+            stem = f"{defect[0]}{i:02d}"
+            path = root / defect / ("deeper" if i == count - 1 else "") / f"{stem}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            PIL.Image.fromarray(image_array("RGB", size, seed)).save(path)
+            expected["defects"][defect].append(str(path))
+            if f"{defect}/{stem}" in masks_for:
+                mask = mask_array(size, i)
+                target = (root / "masks" / f"{stem}_mask.png" if mask_layout == "flat"
+                          else root / "masks" / defect / f"{stem}.png")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                PIL.Image.fromarray(mask, "L").save(target)
+                expected["masks"][str(path)] = mask
+    return expected

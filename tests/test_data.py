@@ -701,6 +701,8 @@ def test_collate_for_dataloader(mvtec):
         for label, mask in zip(labels, masks):
             assert set(mask.unique().tolist()) <= {0.0, 1.0}
             assert (mask.sum() > 0) == bool(label)  # good images: all-zero masks
+    for b in batches:  # MVTec: every defect image has its mask, good images have none
+        assert b["has_mask"].dtype == torch.bool and b["has_mask"].tolist() == b["labels"].bool().tolist()
 
 
 def test_collate_fn_pickles_for_spawned_workers(mvtec):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from train_fixtures import write_mvtec_layout
+from train_fixtures import write_folder_layout, write_mvtec_layout
 
 
 @pytest.fixture(autouse=True)
@@ -143,6 +143,59 @@ def test_command_writes_the_table_json_and_heatmaps(model_dir, dataset, tmp_path
 
     assert PIL.Image.open(heatmaps[0]).size == (3 * 32, 32)  # image | overlay | ground truth
     assert "I-AUROC" in capsys.readouterr().out
+
+
+def test_mixed_masks_pixel_metrics_use_only_images_with_pixel_ground_truth(model_and_processor, tmp_path):
+    """Own folders, masks for 1 of 3 images per defect folder: pixel metrics equal those of the images with
+    pixel ground truth alone (good images + anomalous images with a mask), image metrics use every image."""
+    from cnc_hf.data import load_image_folder
+    from cnc_hf.evaluation import evaluate_model
+    from cnc_hf.metrics import compute_anomaly_metrics
+
+    model, processor = model_and_processor
+    root = write_folder_layout(tmp_path / "waves", n_good=10, n_bad=3, masks_for=1, seed=6)
+    test = load_image_folder(root / "good", [root / "noise", root / "blobs"], mask_dir=root / "masks")["test"]
+    results = evaluate_model(model, processor, test, batch_size=4, progress=False)
+    scores, maps, masks = plain_loop(model, processor, test)
+    labels = np.array(test["label"])
+    keep = np.array([m is not None for m in test["mask"]]) | (labels == 0)
+    assert keep.sum() == 2 + 2 and len(test) == 8
+    truth_only = compute_anomaly_metrics(scores[keep], labels[keep], maps[keep], masks[keep])
+    everything = compute_anomaly_metrics(scores, labels)
+    for key in ("pixel_auroc", "pixel_ap", "aupro"):
+        assert results[key] == pytest.approx(truth_only[key], abs=1e-4)
+    assert results["image_auroc"] == pytest.approx(everything["image_auroc"], abs=1e-4)
+    assert (results["num_images"], results["num_images_pixel"], results["num_anomalous_with_mask"]) == (8, 4, 2)
+
+
+def test_command_on_image_folders_writes_null_pixel_metrics_and_unknown_truth_panels(model_dir, tmp_path):
+    from accelerate.state import AcceleratorState, GradientState
+
+    from cnc_hf import evaluation
+
+    root = write_folder_layout(tmp_path / "waves", n_good=5, n_bad=2, seed=7)
+    out = tmp_path / "eval"
+    try:
+        code = evaluation.main(["--model", str(model_dir), "--dataset", "folder", "--normal_dir", str(root / "good"),
+                                "--abnormal_dir", str(root / "noise"), str(root / "blobs"), "--test_fraction", "0.4",
+                                "--output_dir", str(out), "--heatmaps", "8", "--cpu", "--no_progress"])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_images"] == 2 + 4 and metrics["evaluation"]["test_fraction"] == 0.4
+    assert metrics["pixel_auroc"] is None and metrics["per_category"]["waves"]["aupro"] is None
+    assert metrics["image_auroc"] is not None
+    assert "| waves |" in (out / "metrics.md").read_text()
+    import PIL.Image
+
+    panels = {p.name: np.asarray(PIL.Image.open(p)) for p in (out / "heatmaps").glob("*.png")}
+    assert len(panels) == 6
+    noise = panels["waves_noise_000.png"]
+    assert (noise[:, 64:] == 128).all()  # a defect without a mask: gray "unknown", not a black "no defect"
+    good = [panel for name, panel in panels.items() if name.startswith("waves_good_")]
+    assert len(good) == 2 and all((panel[:, 64:] == 0).all() for panel in good)  # good: all normal, black
 
 
 def test_command_refuses_a_dir_that_is_not_a_model(tmp_path):

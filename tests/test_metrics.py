@@ -224,8 +224,97 @@ def test_integer_categories_with_names():
 
 def test_image_metrics_only():
     out = compute_anomaly_metrics([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1], categories=["a", "b", "a", "b"])
-    assert set(out) == {"image_auroc", "image_ap", "image_f1_max", "per_category", "mean"}
+    assert set(out) == {"image_auroc", "image_ap", "image_f1_max", "num_images", "num_anomalous", "per_category",
+                        "mean"}
+    assert out["per_category"]["a"]["num_images"] == 2 and out["per_category"]["a"]["num_anomalous"] == 1
+    assert out["mean"]["num_categories"] == 2
     assert "| - |" in format_metrics_table(out)
+
+
+# ----------------------------------------------------------------------------- images without masks
+
+
+def _without_masks(rng, n=8, size=8):
+    """n images (every other one anomalous) with a square defect; the maps find it, plus noise."""
+    labels = np.array([0, 1] * (n // 2))
+    masks = np.zeros((n, size, size), dtype=bool)
+    masks[labels == 1, 2:5, 2:5] = True
+    maps = (rng.random((n, size, size)) + 0.6 * masks).astype(np.float32)
+    return maps.reshape(n, -1).max(axis=1).astype(np.float64), labels, maps, masks
+
+
+def test_pixel_metrics_use_only_images_with_pixel_ground_truth():
+    scores, labels, maps, masks = _without_masks(np.random.default_rng(0))
+    has_mask = np.array([False, True, True, False, False, True, False, False])  # anomalous: 1, 5 with; 3, 7 without
+    placeholder = masks.copy()
+    placeholder[~has_mask & (labels == 1)] = False  # what a batch holds for them: all-zero masks
+    out = compute_anomaly_metrics(scores, labels, maps, placeholder, has_mask=has_mask)
+    keep = (labels == 0) | has_mask  # good images count whatever has_mask says: all their pixels are normal
+    expected = compute_anomaly_metrics(scores[keep], labels[keep], maps[keep], masks[keep])
+    for key in ("pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro"):
+        assert out[key] == pytest.approx(expected[key], abs=1e-12)
+    wrong = compute_anomaly_metrics(scores, labels, maps, placeholder)  # placeholders read as "no defect pixel"
+    assert wrong["pixel_auroc"] != pytest.approx(out["pixel_auroc"], abs=1e-6)
+    for key in ("image_auroc", "image_ap", "image_f1_max"):  # image metrics: every image
+        assert out[key] == compute_anomaly_metrics(scores, labels)[key]
+    assert (out["num_images"], out["num_anomalous"], out["num_images_pixel"], out["num_anomalous_with_mask"]) == \
+        (8, 4, 6, 2)
+
+
+def test_pixel_metrics_are_none_without_any_anomalous_mask_never_zero():
+    scores, labels, maps, masks = _without_masks(np.random.default_rng(1))
+    cats = np.array(["with"] * 4 + ["without"] * 4)
+    has_mask = np.array([True] * 4 + [False] * 4)
+    zeros = np.where(has_mask[:, None, None], masks, False)
+    out = compute_anomaly_metrics(scores, labels, maps, zeros, categories=cats, has_mask=has_mask)
+    without, with_ = out["per_category"]["without"], out["per_category"]["with"]
+    assert all(without[k] is None for k in ("pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro"))
+    assert without["image_auroc"] is not None and without["num_anomalous_with_mask"] == 0
+    assert without["num_images_pixel"] == 2  # its good images still count in the pooled pixel metrics
+    alone = compute_anomaly_metrics(scores[:4], labels[:4], maps[:4], masks[:4])
+    assert with_["pixel_auroc"] == pytest.approx(alone["pixel_auroc"])
+    assert out["mean"]["pixel_auroc"] == pytest.approx(with_["pixel_auroc"])  # over the categories that have it
+    assert out["mean"]["num_categories"] == 2 and out["mean"]["num_categories_pixel"] == 1
+    keep = (labels == 0) | has_mask
+    pooled = compute_anomaly_metrics(scores[keep], labels[keep], maps[keep], masks[keep])
+    assert out["aupro"] == pytest.approx(pooled["aupro"])
+
+    table = format_metrics_table(out)
+    lines = table.splitlines()
+    assert lines[3].startswith("| without |") and lines[3].split(" | ")[2:4] == ["-", "-"]  # P-AUROC, AUPRO
+    assert lines[3].split(" | ")[6] == "-"  # mTotal
+    assert lines[4].split(" | ")[6] == "-"  # Mean row: pixel metrics over 1 of 2 categories, no mTotal
+    assert "- without: 4 / 2 (0 of 2 anomalous with a mask), pixel metrics absent" in table
+    assert "pixel metrics over the 1 of 2 categories" in table and " 0.0 " not in table
+
+    nothing = compute_anomaly_metrics(scores, labels, maps, np.zeros_like(masks), has_mask=np.zeros(8, bool))
+    assert [nothing[k] for k in ("pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro")] == [None] * 4
+    assert nothing["num_anomalous_with_mask"] == 0 and nothing["image_auroc"] is not None
+    import json
+
+    assert json.loads(json.dumps(nothing))["aupro"] is None  # null in metrics.json
+
+
+def test_accumulator_and_evaluate_module_take_has_mask(tmp_path, monkeypatch):
+    scores, labels, maps, masks = _without_masks(np.random.default_rng(2))
+    has_mask = np.array([True, True, True, False, True, True, False, True])
+    expected = compute_anomaly_metrics(scores, labels, maps, masks, has_mask=has_mask)
+    acc = AnomalyMetricAccumulator()
+    acc.update(scores[:4], labels[:4], maps[:4], masks[:4])  # no has_mask: all of them have their mask
+    acc.update(scores[4:], labels[4:], maps[4:], masks[4:], has_mask=has_mask[4:])
+    partial = has_mask.copy()
+    partial[:4] = True
+    assert_close(acc.compute(), compute_anomaly_metrics(scores, labels, maps, masks, has_mask=partial))
+    with pytest.raises(ValueError, match="has_mask must have one entry per image"):
+        compute_anomaly_metrics(scores, labels, maps, masks, has_mask=has_mask[:3])
+
+    evaluate = pytest.importorskip("evaluate")
+    monkeypatch.setattr(evaluate.config, "HF_EVALUATE_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    metric = evaluate.load(EVALUATE_MODULE_PATH, cache_dir=str(tmp_path))
+    out = metric.compute(image_scores=scores, image_labels=labels, anomaly_maps=maps, masks=masks,
+                         has_mask=list(has_mask))
+    assert_close(out, expected)
 
 
 def test_accumulator_equals_one_shot_with_torch_batches():
@@ -354,7 +443,8 @@ def test_evaluate_module_loads_offline(tmp_path, monkeypatch):
     out = metric.compute(anomaly_maps=maps, masks=masks, categories=["a", "b"] * 3)
     assert_close(out, compute_anomaly_metrics(scores, labels, maps, masks, categories=["a", "b"] * 3))
     one_call = metric.compute(image_scores=[0.1, 0.4, 0.35, 0.8], image_labels=[0, 0, 1, 1])
-    assert one_call == pytest.approx({"image_auroc": 0.75, "image_ap": 5 / 6, "image_f1_max": 0.8})
+    assert one_call == pytest.approx({"image_auroc": 0.75, "image_ap": 5 / 6, "image_f1_max": 0.8, "num_images": 4,
+                                      "num_anomalous": 2})
 
 
 def test_benchmark_smoke():

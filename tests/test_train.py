@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO_ROOT
-from train_fixtures import write_mvtec_layout
+from train_fixtures import write_folder_layout, write_mvtec_layout
 from cnc_hf_train import train
 from cnc_hf_train.checkpointing import META_NAME, latest_checkpoint, list_checkpoints
 
@@ -395,6 +395,108 @@ def test_bad_input_is_refused_before_training(case, tmp_path, tiny_data, tiny_cl
 def test_cli_reports_setup_errors_with_exit_code_2(tmp_path, tiny_clip_dir, capsys):
     code = train.cli(argv(tmp_path / "nowhere", tiny_clip_dir, tmp_path / "out"))
     assert code == 2 and "no such directory" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- your own image folders
+PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro")
+
+
+def folder_argv(root, clip, out, *extra) -> list[str]:
+    args = argv(root, clip, out, "--normal_dir", str(root / "good"), "--abnormal_dir", str(root / "noise"),
+                str(root / "blobs"), *extra)
+    args[args.index("--data_dir"):args.index("--data_dir") + 2] = []
+    args[args.index("mvtec")] = "folder"
+    return args
+
+
+def test_training_on_image_folders_without_masks_reports_image_metrics_and_null_pixel_metrics(tmp_path, tiny_clip_dir):
+    """Good images + two defect folders, no masks: trains, evaluates the defects (image metrics), and no pixel
+    metric appears anywhere (metrics.json null, metrics.md and the model card "-", model-index without them);
+    `cnc-hf evaluate` with the same flags reads the same test images."""
+    from huggingface_hub import ModelCard
+
+    from cnc_hf import evaluation
+
+    root = write_folder_layout(tmp_path / "waves", n_good=10, n_bad=2, seed=3)
+    out = tmp_path / "out"
+    summary = train.main(folder_argv(root, tiny_clip_dir, out, "--save_every", "0"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["per_category"]) == {"waves"}  # the parent folder's name
+    assert metrics["training"]["num_train_images"] + metrics["training"]["num_calibration_images"] == 8
+    for level in (metrics, metrics["per_category"]["waves"], metrics["mean"]):
+        assert all(0.0 <= level[k] <= 1.0 for k in ("image_auroc", "image_ap", "image_f1_max"))
+        assert all(level[k] is None for k in PIXEL_KEYS), level
+    category = metrics["per_category"]["waves"]
+    assert (category["num_images"], category["num_anomalous"], category["num_images_pixel"],
+            category["num_anomalous_with_mask"]) == (6, 4, 2, 0)
+    assert metrics["mean"]["num_categories_pixel"] == 0
+    table = (out / "metrics.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| waves |")).split(" | ")
+    assert row[2:4] == ["-", "-"] and row[5:7] == ["-", "-"] and row[1] != "-"  # P-AUROC, AUPRO, P-AP, mTotal
+    assert "0 of 4 anomalous with a mask" in table
+    card = ModelCard.load(out / "README.md")
+    assert "| waves |" in card.text and "pixel metrics absent" in card.text
+    reported = {result.metric_name for result in card.data.eval_results}
+    assert reported == {"I-AUROC", "I-AP", "I-F1max"}  # never a pixel metric that was not measured
+    assert summary["metrics"]["pixel_auroc"] is None
+    from cnc_hf.hub import push_to_hub
+
+    assert "metrics.json" in push_to_hub(out, "me/waves", dry_run=True)  # re-renders the card from metrics.json
+    assert {r.metric_name for r in ModelCard.load(out / "README.md").data.eval_results} == reported
+
+    reset_accelerate()
+    assert evaluation.main(["--model", str(out), "--dataset", "folder", "--normal_dir", str(root / "good"),
+                            "--abnormal_dir", str(root / "noise"), str(root / "blobs"), "--output_dir",
+                            str(tmp_path / "eval"), "--batch_size", "4", "--cpu", "--no_progress"]) == 0
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert again["num_images"] == metrics["num_images"] == 6
+    assert again["image_auroc"] == pytest.approx(metrics["image_auroc"], abs=1e-6)
+    assert again["pixel_auroc"] is None
+
+
+@pytest.mark.parametrize("case", ["flag_without_folder", "folder_without_normal_dir", "missing_abnormal_dir",
+                                  "bad_test_fraction", "folder_list_missing"])
+def test_folder_flags_are_checked_before_training(case, tmp_path, tiny_data, tiny_clip_dir, monkeypatch):
+    monkeypatch.setattr(train, "build_model", lambda args: pytest.fail("training setup started"))
+    root = write_folder_layout(tmp_path / "waves", n_good=4, n_bad=1)
+    out = tmp_path / "out"
+    if case == "flag_without_folder":
+        args, match = argv(tiny_data, tiny_clip_dir, out, "--normal_dir", str(root / "good")), \
+            r"--normal_dir applies to --dataset folder only"
+    elif case == "folder_without_normal_dir":
+        args = folder_argv(root, tiny_clip_dir, out)
+        args[args.index("--normal_dir"):args.index("--normal_dir") + 2] = []
+        match = r"--dataset folder needs --normal_dir"
+    elif case == "missing_abnormal_dir":
+        args, match = folder_argv(root, tiny_clip_dir, out), r"--abnormal_dir .*nowhere: no such directory"
+        args[args.index(str(root / "blobs"))] = str(tmp_path / "nowhere")
+    elif case == "bad_test_fraction":
+        args, match = folder_argv(root, tiny_clip_dir, out, "--test_fraction", "1.5"), r"--test_fraction must be in"
+    else:
+        args = folder_argv(root, tiny_clip_dir, out, "--data_dir", str(tmp_path / "folders.yaml"))
+        args[args.index("--normal_dir"):args.index("--normal_dir") + 2] = []
+        args[args.index("--abnormal_dir"):args.index("--abnormal_dir") + 3] = []
+        match = r"--data_dir .*folders.yaml: no such file"
+    with pytest.raises(train.TrainingSetupError, match=match):
+        train.main(args)
+    assert not out.exists()
+
+
+def test_a_folder_list_file_trains_several_categories(tmp_path, tiny_clip_dir):
+    write_folder_layout(tmp_path / "data" / "waves", "waves", n_good=6, n_bad=1, masks_for=1, seed=4)
+    write_folder_layout(tmp_path / "data" / "rings", "rings", n_good=6, n_bad=1, seed=5)
+    listing = tmp_path / "data" / "folders.yaml"
+    listing.write_text("waves:\n  normal_dir: waves/good\n  abnormal_dir: [waves/noise, waves/blobs]\n"
+                       "  mask_dir: waves/masks\n"
+                       "rings:\n  normal_dir: rings/good\n  abnormal_dir: [rings/noise, rings/blobs]\n")
+    args = argv(listing, tiny_clip_dir, tmp_path / "out", "--epochs", "1", "--save_every", "0")
+    args[args.index("mvtec")] = "folder"
+    metrics = train.main(args)["metrics"]
+    waves, rings = metrics["per_category"]["waves"], metrics["per_category"]["rings"]
+    assert waves["num_anomalous_with_mask"] == 2 and waves["pixel_auroc"] is not None  # masks: pixel metrics
+    assert rings["num_anomalous_with_mask"] == 0 and rings["pixel_auroc"] is None
+    assert metrics["mean"]["pixel_auroc"] == pytest.approx(waves["pixel_auroc"])
+    assert metrics["mean"]["num_categories_pixel"] == 1
 
 
 # ----------------------------------------------------------------------------- learning

@@ -79,3 +79,28 @@ def write_mvtec_layout(
             _save(image, base / "test" / "noise" / f"{i:03d}.png")
             _save(mask, base / "ground_truth" / "noise" / f"{i:03d}_mask.png")
     return root
+
+
+def write_folder_layout(
+    root: str | Path,
+    category: str = "waves",
+    n_good: int = 10,
+    defects: tuple[str, ...] = ("noise", "blobs"),
+    n_bad: int = 2,
+    masks_for: int = 0,
+    size: int = 32,
+    seed: int = 0,
+) -> Path:
+    """Your own data, no MVTec layout: root/good/*.png, root/<defect>/*.png for each of `defects` and, for the
+    first `masks_for` images of each defect folder, root/masks/<defect>/<stem>.png. Returns `root`."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for i in range(n_good):
+        _save(smooth_pattern(rng, category, size), root / "good" / f"{i:03d}.png")
+    for defect in defects:
+        for i in range(n_bad):
+            image, mask = add_noise_blobs(rng, smooth_pattern(rng, category, size))
+            _save(image, root / defect / f"{i:03d}.png")
+            if i < masks_for:
+                _save(mask, root / "masks" / defect / f"{i:03d}.png")
+    return root

@@ -65,7 +65,7 @@ import torch
 
 EPOCH_DEFAULTS = {"mvtec": 250, "visa": 200, "demo": 15}  # the paper's, and a quick one for the demo set
 OTHER_DATASET_EPOCHS = 200
-NAMED_DATASETS = ("mvtec", "mvtec_ad", "mvtec-ad", "mvtecad", "visa", "demo")
+NAMED_DATASETS = ("mvtec", "mvtec_ad", "mvtec-ad", "mvtecad", "visa", "demo", "folder")
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # package data of cnc_hf_train (`--config_file` of accelerate)
 DEFAULT_DEMO_DIR = "data/cnc_demo"
@@ -111,11 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", required=True,
-                      help="mvtec, visa, demo (MVTec layout, generated into --data_dir when empty), a parquet "
-                           "dataset dir or a Hub dataset id")
+                      help="mvtec, visa, demo (MVTec layout, generated into --data_dir when empty), folder (your own "
+                           "image folders: --normal_dir, --abnormal_dir, ...), a parquet dataset dir or a Hub "
+                           "dataset id")
     data.add_argument("--data_dir", default=None,
-                      help=f"dataset folder; required for mvtec/visa, default {DEFAULT_DEMO_DIR} for demo")
+                      help=f"dataset folder; required for mvtec/visa, default {DEFAULT_DEMO_DIR} for demo; for folder, "
+                           "optionally a JSON/YAML file listing the folders per category")
     data.add_argument("--categories", nargs="+", default=None, help="train and evaluate on these categories only")
+    from cnc_hf.data.folder import add_folder_arguments
+
+    add_folder_arguments(data)
     data.add_argument("--max_train_samples", type=int, default=None,
                       help="train on at most this many images (after the calibration hold-out), for quick runs")
     data.add_argument("--calibration_fraction", type=float, default=0.1,
@@ -332,6 +337,7 @@ def check_model_config(args) -> None:
 
 def check_dataset_name(args) -> None:
     name = str(args.dataset)
+    check_folder_flags(args)
     if name.lower() in NAMED_DATASETS or Path(name).expanduser().exists():
         if name.lower() in ("mvtec", "mvtec_ad", "mvtec-ad", "mvtecad", "visa"):
             if args.data_dir is None:
@@ -342,6 +348,29 @@ def check_dataset_name(args) -> None:
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         raise TrainingSetupError(f"--dataset {name!r}: unknown dataset; expected one of mvtec, visa, demo, a parquet "
                                  "dataset dir or a Hub dataset id (owner/name)")
+
+
+def check_folder_flags(args) -> None:
+    """--dataset folder: its flags fit together and name existing folders (or a folder list file), before any work;
+    its flags with another --dataset are refused."""
+    from cnc_hf.data.folder import folder_arguments
+
+    try:
+        kwargs = folder_arguments(args, args.data_dir)
+    except ValueError as err:
+        raise TrainingSetupError(str(err)) from None
+    if not kwargs:
+        return
+    if args.data_dir is not None and not Path(args.data_dir).expanduser().is_file():
+        raise TrainingSetupError(f"--dataset folder --data_dir {args.data_dir}: no such file; expected a JSON/YAML file "
+                                 "listing the folders per category (or use --normal_dir and --abnormal_dir)")
+    if not 0 <= kwargs["test_fraction"] < 1:
+        raise TrainingSetupError(f"--test_fraction must be in [0, 1), got {kwargs['test_fraction']}")
+    for flag in ("normal_dir", "normal_test_dir", "mask_dir", "abnormal_dir"):
+        for folder in ([] if kwargs.get(flag) is None else
+                       kwargs[flag] if isinstance(kwargs[flag], list) else [kwargs[flag]]):
+            if not Path(folder).expanduser().is_dir():
+                raise TrainingSetupError(f"--{flag} {folder}: no such directory")
 
 
 def _flag_value(name: str, value):
@@ -390,13 +419,24 @@ def check_same_training_data(checkpoint: str, identity: dict) -> None:
 
 
 def load_data(args):
-    """The dataset, with clear errors; returns (train, calibration or None, test or None)."""
-    from cnc_hf.data import load_anomaly_dataset
+    """The dataset, with clear errors; returns (train, calibration or None, test or None).
 
+    --dataset folder: `cnc_hf.data.load_image_folder` with the folder flags (or `load_image_folders` with a
+    JSON/YAML --data_dir). Its test split (good images held out by --test_fraction and --split_seed, and the
+    defect images) is the one `cnc-hf evaluate` with the same flags reads.
+    """
+    from cnc_hf.data import load_anomaly_dataset
+    from cnc_hf.data.folder import folder_arguments
+
+    folder_kwargs = {}
     try:
-        dataset = load_anomaly_dataset(args.dataset, data_dir=args.data_dir, categories=args.categories)
+        folder_kwargs = folder_arguments(args, args.data_dir)
+        dataset = load_anomaly_dataset(args.dataset, data_dir=args.data_dir, categories=args.categories,
+                                       **folder_kwargs)
     except (OSError, ValueError, ConnectionError) as err:
-        raise TrainingSetupError(f"--dataset {args.dataset} --data_dir {args.data_dir}: {err}") from err
+        where = f"--data_dir {args.data_dir}" if args.data_dir is not None or not folder_kwargs else \
+            f"--normal_dir {args.normal_dir}"
+        raise TrainingSetupError(f"--dataset {args.dataset} {where}: {err}") from err
     train, calibration = split_train_calibration(dataset["train"], args.calibration_fraction, args.seed,
                                                  args.max_train_samples)
     test = None if args.no_eval else dataset["test"]

@@ -1,4 +1,5 @@
-"""Anomaly-detection datasets as 🤗 `datasets`: MVTec AD, VisA, the demo textures, parquet/Hub copies.
+"""Anomaly-detection datasets as 🤗 `datasets`: MVTec AD, VisA, the demo textures, your own image folders,
+parquet/Hub copies.
 
 Every loader returns a `DatasetDict` with splits "train" and "test" and the columns of
 `cnc_hf.data.common.FEATURES` (image, mask, label, category, defect_type, path), built lazily
@@ -25,6 +26,7 @@ from .common import (
 )
 from .parquet import convert_to_parquet, push_folder_to_hub
 from .demo import DEFECT_KINDS, DEMO_CATEGORIES, make_demo_dataset
+from .folder import concatenate_anomaly_datasets, load_image_folder, load_image_folders
 from .mvtec import load_mvtec_ad
 from .visa import load_visa
 
@@ -43,11 +45,24 @@ def load_anomaly_dataset(
     - "visa": `load_visa(data_dir, categories=categories, **kwargs)` (kwargs: split_csv, on_bad_file, ...).
     - "demo": the demo textures in MVTec layout at `data_dir`; made there first (seed 0, default
       sizes) when the folder is missing or empty.
+    - "folder": your own image folders: `load_image_folder(**kwargs)` (kwargs: normal_dir, abnormal_dir,
+      mask_dir, normal_test_dir, test_fraction, category, seed, on_bad_file, ...), or, with `data_dir` a
+      JSON/YAML file listing folders per category, `load_image_folders(data_dir, categories, **kwargs)`.
     - anything else: a parquet folder or Hub dataset id, read with `datasets.load_dataset(name_or_path,
       data_dir=data_dir, **kwargs)`, then checked against the cnc-hf schema and filtered to `categories`.
     """
     name = str(name_or_path)
     key = name.lower()
+    if key == "folder":
+        if data_dir is not None:
+            if "normal_dir" in kwargs:
+                raise ValueError("load_anomaly_dataset('folder'): give normal_dir=... or a folder list file as "
+                                 "data_dir, not both")
+            return load_image_folders(data_dir, categories, **kwargs)
+        if kwargs.get("normal_dir") is None:
+            raise ValueError("load_anomaly_dataset('folder'): normal_dir is required (the folder of good images), "
+                             "or data_dir as a JSON/YAML file listing folders per category")
+        return filter_categories(load_image_folder(**kwargs), categories, kwargs["normal_dir"])
     if key in _MVTEC_NAMES + ("visa", "demo"):
         if data_dir is None:
             raise ValueError(f"load_anomaly_dataset({name!r}): data_dir is required (the dataset folder on disk)")
@@ -65,7 +80,8 @@ def load_anomaly_dataset(
         dataset = datasets.load_dataset(name, data_dir=None if data_dir is None else str(data_dir), **kwargs)
     except FileNotFoundError as err:
         raise FileNotFoundError(
-            f"load_anomaly_dataset: {name!r} is neither 'mvtec', 'visa', 'demo', a dataset folder nor a reachable "
+            f"load_anomaly_dataset: {name!r} is neither 'mvtec', 'visa', 'demo', 'folder', a dataset folder nor a "
+            "reachable "
             f"Hub dataset ({err})"
         ) from err
     validate_schema(dataset, name)
@@ -80,8 +96,11 @@ __all__ = [
     "FEATURES",
     "LABEL_NAMES",
     "categories_of",
+    "concatenate_anomaly_datasets",
     "convert_to_parquet",
     "load_anomaly_dataset",
+    "load_image_folder",
+    "load_image_folders",
     "load_mvtec_ad",
     "load_visa",
     "make_collate_fn",

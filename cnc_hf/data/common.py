@@ -3,7 +3,9 @@
 Schema (one row per image; splits "train" and "test"):
 
     image        datasets.Image(mode="RGB")   decoded lazily from its file; grayscale -> RGB on decode
-    mask         datasets.Image(mode="L")     ground truth, non-zero = defect (see "Masks"); None for good images
+    mask         datasets.Image(mode="L")     ground truth, non-zero = defect (see "Masks"); None for good images,
+                                              and for defect images known by an image-level label only (own
+                                              folders, `cnc_hf.data.folder`): those have no pixel ground truth
     label        ClassLabel(["good", "anomaly"])
     category     string                       product category ("bottle", "pcb1", ...)
     defect_type  string                       "good" or the defect folder name
@@ -436,6 +438,7 @@ class AnomalyCollator:
         return {
             "pixel_values": batch["pixel_values"],
             "masks": batch["masks"],
+            "has_mask": torch.tensor([row.get("mask") is not None for row in rows], dtype=torch.bool),
             "labels": torch.tensor([int(row["label"]) for row in rows], dtype=torch.long),
             "categories": [row.get("category", "") for row in rows],
             "paths": [row.get("path", "") for row in rows],
@@ -446,7 +449,13 @@ def make_collate_fn(processor) -> Callable[[Sequence[dict]], dict]:
     """`DataLoader(dataset["train"], batch_size=8, collate_fn=make_collate_fn(processor))`.
 
     Batches are {"pixel_values": (B,3,S,S) float, "masks": (B,S,S) float in {0,1} (zeros for good
-    images), "labels": (B,) long, "categories": list[str], "paths": list[str]}.
+    images and for defect images without a mask), "has_mask": (B,) bool (whether the row has a mask),
+    "labels": (B,) long, "categories": list[str], "paths": list[str]}.
+
+    Why "has_mask": a good image's missing mask is ground truth (all its pixels are normal), but a
+    defect image without a mask (an image-level label only) has none, and its all-zero `masks` entry
+    is a placeholder that pixel metrics must not read as "no defect pixel"
+    (`cnc_hf.metrics.compute_anomaly_metrics(..., has_mask=...)`).
     """
     return AnomalyCollator(processor)
 

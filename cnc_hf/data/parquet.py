@@ -102,7 +102,8 @@ def _dataset_card(source: str, dataset: DatasetDict) -> str:
         "---\n\n"
         f"# {source} (cnc-hf format)\n\n"
         f"Converted with `python -m cnc_hf.data.convert`. Rows {counts}; categories: {', '.join(categories)}.\n\n"
-        "Columns: `image` (RGB), `mask` (0/255, None for good images), `label` (good/anomaly), `category`,\n"
+        "Columns: `image` (RGB), `mask` (0/255; None for good images, and for anomalous images labelled per image\n"
+        "only, which have no pixel ground truth), `label` (good/anomaly), `category`,\n"
         "`defect_type`, `path` (relative to the source root). Load with `datasets.load_dataset(...)` or\n"
         "`cnc_hf.data.load_anomaly_dataset(...)`. The source dataset's own license applies.\n"
     )

@@ -18,7 +18,8 @@ from cnc_hf.metrics import compute_anomaly_metrics
 _DESCRIPTION = """
 Image-level AUROC, AP and F1-max of per-image anomaly scores, and pixel-level AUROC, AP,
 F1-max and AUPRO of anomaly maps against ground-truth masks, as reported by CNC (AAAI 2025)
-and the multi-class anomaly detection benchmarks. Exact (no binning): AUROC and AP equal
+and the multi-class anomaly detection benchmarks. Pixel metrics use only images with pixel
+ground truth (normal images, anomalous images with a mask) and are None where there is none. Exact (no binning): AUROC and AP equal
 scikit-learn's; AUPRO is the MVTec AD definition (8-connected regions, FPR over all normal
 pixels, integrated up to FPR 0.3 and divided by 0.3). With `categories`, per-category results
 and their mean (the papers' "Mean" row) are returned too.
@@ -31,9 +32,14 @@ Args:
     anomaly_maps (array (N, H, W), optional): pixel anomaly scores, given to `compute`.
     masks (array (N, H, W), optional): binary ground truth, given to `compute` with the maps.
     categories (`list` of `str`, optional): category per image, given to `compute`.
+    has_mask (`list` of `bool`, optional): whether each image came with a mask, given to
+        `compute` (default: all did). Anomalous images without one (image-level labels only) are
+        left out of the pixel metrics; normal images always count (all their pixels are normal).
 Returns:
     image_auroc, image_ap, image_f1_max and, with maps, pixel_auroc, pixel_ap, pixel_f1_max,
-    aupro, all in [0, 1]; with categories also `per_category` and `mean`.
+    aupro, all in [0, 1], with the counts num_images, num_anomalous and, with maps,
+    num_images_pixel, num_anomalous_with_mask; with categories also `per_category` and `mean`.
+    Pixel metrics are None (absent, not 0) where no anomalous image has a mask.
 Examples:
     >>> metric = evaluate.load(cnc_hf.metrics.EVALUATE_MODULE_PATH)
     >>> metric.compute(image_scores=[0.1, 0.4, 0.35, 0.8], image_labels=[0, 0, 1, 1])["image_auroc"]
@@ -70,7 +76,8 @@ class CncAnomalyMetrics(evaluate.Metric):
         )
 
     def _compute(self, image_scores, image_labels, anomaly_maps=None, masks=None, categories=None,
-                 category_names=None):
+                 category_names=None, has_mask=None):
         return compute_anomaly_metrics(
-            image_scores, image_labels, anomaly_maps, masks, categories, category_names=category_names
+            image_scores, image_labels, anomaly_maps, masks, categories, category_names=category_names,
+            has_mask=has_mask,
         )
