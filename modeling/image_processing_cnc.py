@@ -222,6 +222,19 @@ def _array_channels_last(value: Any, where: str, what: str, expected: str) -> np
     )
 
 
+def mask_defect_pixels(mask: PIL.Image.Image) -> np.ndarray:
+    """HxW bool, True where a mask marks a defect: any non-zero channel (the gray value, the palette
+    index, any of R, G, B; alpha ignored; other modes through RGB). The one mask rule of cnc-hf: the
+    datasets (cnc_hf.data) use this function too."""
+    if mask.mode in ("LA", "PA", "La"):
+        return np.asarray(mask)[..., 0] > 0
+    if mask.mode in ("RGB", "RGBA", "RGBa", "RGBX"):
+        return (np.asarray(mask)[..., :3] > 0).any(axis=-1)
+    if mask.mode in ("1", "L", "P") + _HIGH_BIT_MODES:
+        return np.asarray(mask) > 0
+    return (np.asarray(mask.convert("RGB")) > 0).any(axis=-1)  # CMYK, YCbCr, LAB, HSV: their colours
+
+
 def _mask_to_bool(mask: Any, index: int) -> np.ndarray:
     """Return an HxW bool array: True where the mask marks a defect (any non-zero value)."""
     where = _where(index, "masks")
@@ -232,13 +245,7 @@ def _mask_to_bool(mask: Any, index: int) -> np.ndarray:
             raise ValueError(f"{where}: empty mask (size {mask.size}); expected at least 1x1 pixels")
         if mask.getexif().get(PIL.Image.ExifTags.Base.Orientation) is not None:
             mask = PIL.ImageOps.exif_transpose(mask)  # as for images (and as datasets.Image decodes masks)
-        if mask.mode in ("LA", "PA", "La"):
-            return np.asarray(mask)[..., 0] > 0
-        if mask.mode in ("RGB", "RGBA", "RGBa", "RGBX"):
-            return (np.asarray(mask)[..., :3] > 0).any(axis=-1)
-        if mask.mode in ("1", "L", "P") + _HIGH_BIT_MODES:
-            return np.asarray(mask) > 0
-        return (np.asarray(mask.convert("RGB")) > 0).any(axis=-1)  # CMYK, YCbCr, LAB, HSV: their colours
+        return mask_defect_pixels(mask)
     array = _array_channels_last(mask, where, "mask", "None, a PIL image")
     if array.size == 0:
         raise ValueError(f"{where}: empty mask (shape {tuple(array.shape)}); expected at least 1x1 pixels")

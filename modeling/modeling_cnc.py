@@ -15,7 +15,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from transformers import CLIPModel, PreTrainedModel
 from transformers.utils import ModelOutput, logging
 

@@ -4,6 +4,7 @@ dynamic quantisation (weights int8, activations quantised per call) and how far 
 
     python -m cnc_hf_train.bench_onnx                      # random CLIP of ViT-B/16 shape, 224 px, CPU
     python -m cnc_hf_train.bench_onnx --shape tiny --image_size 64 --repeats 1   # seconds, a smoke test
+    python -m cnc_hf_train.bench_onnx --demo_model demo_output/model   # + int8's AUROC change (after make demo)
 
 Each round runs every variant once, in a rotating order, so all see the same machine load; the
 reported ratio is the median of the per-round ratios. Equality is checked on the same inputs at a
@@ -32,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=3, help="alternated rounds per batch size")
     parser.add_argument("--no_int8", action="store_true", help="skip the int8 dynamic-quantised variant")
+    parser.add_argument("--demo_model", default=None, metavar="DIR",
+                        help="also score the demo test set (--demo_data) with this trained model in torch, ORT fp32 "
+                             "and ORT int8, and report each one's image AUROC (e.g. demo_output/model)")
+    parser.add_argument("--demo_data", default="demo_output/data", metavar="DIR", help="the demo set (MVTec layout)")
     parser.add_argument("--output", default=None, help="also write the results as JSON here")
     return parser
 
@@ -104,10 +109,35 @@ def main(argv=None) -> dict:
                 row["ort_int8_vs_ort_fp32"] = statistics.median(f / i for f, i in zip(seconds["ort_fp32"],
                                                                                        seconds["ort_int8"]))
             result["rows"].append(row)
+    if args.demo_model:
+        result["demo_image_auroc"] = demo_auroc(args.demo_model, args.demo_data)
     print(format_report(result))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2))
     return result
+
+
+def demo_auroc(model_dir: str, data_dir: str) -> dict:
+    """Image AUROC on the demo test set of a trained model, run by torch, ORT fp32 and ORT int8."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from cnc_hf.data import load_anomaly_dataset
+    from cnc_hf.hub import load_pipeline
+    from cnc_hf.metrics import compute_anomaly_metrics
+    from cnc_hf.modeling import CNCModel
+    from cnc_hf.onnx_export import export_onnx
+    from cnc_hf.onnx_runtime import OnnxAnomalyDetector
+
+    test = load_anomaly_dataset("mvtec", data_dir)["test"]
+    paths, labels = list(test["path"]), list(test["label"])
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_onnx(CNCModel.from_pretrained(model_dir), Path(tmp) / "demo.onnx")
+        int8 = Path(tmp) / "demo_int8.onnx"
+        quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+        runners = {"torch": load_pipeline(model_dir), "ort_fp32": OnnxAnomalyDetector(fp32),
+                   "ort_int8": OnnxAnomalyDetector(int8)}
+        scores = {name: [r["score"] for r in run(paths, batch_size=8)] for name, run in runners.items()}
+    return {name: compute_anomaly_metrics(values, labels)["image_auroc"] for name, values in scores.items()}
 
 
 def format_report(result: dict) -> str:
@@ -123,6 +153,9 @@ def format_report(result: dict) -> str:
         lines.append(f"| {row['batch']} | {row['torch_vision_tower_img_s']:.2f} | {row['torch_cnc_img_s']:.2f} | "
                      f"{row['ort_fp32_img_s']:.2f} | {row['ort_fp32_vs_torch_cnc']:.2f}x faster | "
                      f"{row['ort_fp32_vs_vision_tower']:.2f}x | {row['ort_fp32_map']['max_abs_diff']:.2g} | {int8} |")
+    if "demo_image_auroc" in result:
+        lines += ["", "demo test set, image AUROC: " + ", ".join(f"{k} {v:.4f}" for k, v in
+                                                              result["demo_image_auroc"].items())]
     return "\n".join(lines)
 
 

@@ -54,6 +54,8 @@ import PIL.ImageOps
 from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Image, Value
 from datasets.table import InMemoryTable
 
+from cnc_hf.modeling.image_processing_cnc import mask_defect_pixels  # the one mask rule (no torch needed)
+
 LABEL_NAMES = ["good", "anomaly"]
 SPLITS = ("train", "test")
 FEATURES = Features(
@@ -114,16 +116,21 @@ def link_note(path: Path) -> str:
     return f" (a symbolic link to {os.readlink(path)}, which does not exist)" if is_dangling_link(path) else ""
 
 
+def sort_entry(path: Path, images: list[Path], dangling: list[Path]) -> None:
+    """Add `path` to `images` (an image file) or `dangling` (a dangling link named like an image), or neither."""
+    if not _named_like_image(path):
+        return
+    if path.is_file():
+        images.append(path)
+    elif is_dangling_link(path):
+        dangling.append(path)
+
+
 def scan_images(folder: Path) -> tuple[list[Path], list[Path]]:
     """(image files, dangling symbolic links named like images) directly in `folder`, both sorted."""
     images, dangling = [], []
     for path in sorted(folder.iterdir()):
-        if not _named_like_image(path):
-            continue
-        if path.is_file():
-            images.append(path)
-        elif is_dangling_link(path):
-            dangling.append(path)
+        sort_entry(path, images, dangling)
     return images, dangling
 
 
@@ -273,21 +280,6 @@ def check_image_file(path: Path, check_files: str = "header") -> ImageInfo | Non
     if orientation in SWAPPING_ORIENTATIONS:
         size = (size[1], size[0])
     return ImageInfo(size, mode, orientation)
-
-
-def mask_defect_pixels(mask: PIL.Image.Image) -> np.ndarray:
-    """HxW bool, True where a mask marks a defect: the mask rule of the module docstring.
-
-    `CNCImageProcessor` (modeling/image_processing_cnc.py) keeps its own copy of this rule, since it is
-    saved with models as remote code that cannot import cnc_hf; tests/test_data.py checks they agree.
-    """
-    if mask.mode in ("LA", "La", "PA"):
-        return np.asarray(mask)[..., 0] > 0
-    if mask.mode in ("RGB", "RGBA", "RGBa", "RGBX"):
-        return (np.asarray(mask)[..., :3] > 0).any(axis=-1)
-    if mask.mode in ("1", "L", "P") + HIGH_BIT_MODES:
-        return np.asarray(mask) > 0
-    return (np.asarray(mask.convert("RGB")) > 0).any(axis=-1)  # CMYK, YCbCr, LAB, HSV: their colours
 
 
 def binary_mask_png(mask: PIL.Image.Image) -> bytes:

@@ -59,14 +59,13 @@ from .common import (
     AnomalyDatasetError,
     BadFiles,
     Record,
-    _named_like_image,
     build_dataset_dict,
     categories_of,
     check_option,
     checked_record,
-    is_dangling_link,
     report_dangling_links,
     resolve_categories,
+    sort_entry,
     validate_schema,
 )
 
@@ -97,13 +96,7 @@ def walk_images(folder: Path) -> tuple[list[Path], list[Path]]:
         seen.add(real)
         subfolders[:] = [d for d in subfolders if not d.startswith(".") and d not in _SKIPPED_FOLDERS]
         for name in files:  # a dangling link is listed with the files: os.walk cannot tell it is a folder
-            path = Path(current) / name
-            if not _named_like_image(path):
-                continue
-            if path.is_file():
-                images.append(path)
-            elif is_dangling_link(path):
-                dangling.append(path)
+            sort_entry(Path(current) / name, images, dangling)
     key = lambda p: p.relative_to(folder).as_posix()  # noqa: E731
     return sorted(images, key=key), sorted(dangling, key=key)
 
