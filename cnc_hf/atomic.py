@@ -10,13 +10,16 @@ files cannot be renamed together. So a save goes through a staging folder in the
 
 A kill before step 2 leaves the old model complete; during steps 2-3 the folder has no config.json,
 so nothing loads from it (a clear "no config.json" error, never old weights under a new config);
-after step 3 it holds the new model. `finish_interrupted_save` (called by every save, and by
+after step 3 it holds the new model. (A reader that opened the old config.json before step 2 and the
+weights after step 3 would still pair them: the protocol protects what is on disk, not a reader
+that straddles a save; cnc-hf's own readers load a folder once.) Saves into one folder take a lock. `finish_interrupted_save` (called by every save, and by
 train.py before it starts) completes a save that had reached its COMMIT list and drops one that had
 not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -30,37 +33,79 @@ WEIGHT_PATTERNS = ("model.safetensors", "model-*.safetensors", "model.safetensor
 
 
 def save_atomically(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call `write(staging_dir)` to write a complete save, then swap it into `folder` (see the module doc)."""
+    """Call `write(staging_dir)` to write a complete save, then swap it into `folder` (see the module doc).
+    Saves into one folder are serialised by a lock file (released by the system if the process dies)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    finish_interrupted_save(folder)
-    staging = folder / STAGING
-    staging.mkdir()
-    write(staging)
-    names = sorted(p.name for p in staging.iterdir() if p.is_file())
-    for name in names:
-        _fsync(staging / name)
-    _write_synced(staging / COMMIT, json.dumps(names))
-    _fsync(staging)
-    _commit(folder)
+    with _locked(folder):
+        _finish(folder)
+        staging = folder / STAGING
+        staging.mkdir()
+        write(staging)
+        names = sorted(p.name for p in staging.iterdir() if p.is_file())
+        for name in names:
+            _fsync(staging / name)
+        _write_synced(staging / COMMIT, json.dumps(names))
+        _fsync(staging)
+        _commit(folder)
     return folder
 
 
 def finish_interrupted_save(folder: str | os.PathLike) -> bool:
     """Complete a save killed after its COMMIT list was written (True), or remove a staging folder left
     before that point, whose new files were never complete (False)."""
-    staging = Path(folder) / STAGING
-    if (staging / COMMIT).is_file():
-        _commit(Path(folder))
+    folder = Path(folder)
+    if not (folder / STAGING).exists():
+        return False
+    with _locked(folder):
+        return _finish(folder)
+
+
+def _finish(folder: Path) -> bool:
+    staging = folder / STAGING
+    if _read_commit(staging) is not None:
+        _commit(folder)
         return True
     if staging.exists():
         shutil.rmtree(staging)
     return False
 
 
+def _read_commit(staging: Path) -> list[str] | None:
+    """The COMMIT list, or None when there is none (or a torn one: the save had not completed)."""
+    try:
+        names = json.loads((staging / COMMIT).read_text())
+    except (OSError, ValueError):
+        return None
+    return names if isinstance(names, list) else None
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    # The lock file lives in the temp dir, keyed by the folder's real path, so the model folder holds
+    # only model files (a lock file there would be listed, copied and uploaded with them).
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24]
+    locks = Path(tempfile.gettempdir()) / "cnc-hf-locks"
+    locks.mkdir(exist_ok=True)
+    with open(locks / f"{key}.lock", "a+") as handle:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no cross-process lock, the staging protocol alone
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _commit(folder: Path) -> None:
     staging = folder / STAGING
-    names = json.loads((staging / COMMIT).read_text())
+    names = _read_commit(staging)
     if (staging / CONFIG).exists():  # not yet moved: the old config goes first (a repeated commit keeps the new one)
         (folder / CONFIG).unlink(missing_ok=True)
         for pattern in WEIGHT_PATTERNS:  # e.g. shards of an older sharded save that the new save lacks
@@ -76,10 +121,13 @@ def _commit(folder: Path) -> None:
 
 
 def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
+    """Write `text` to `path` whole or not at all: a temporary file, fsynced, renamed over it."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
+    os.replace(tmp, path)
 
 
 def _fsync(path: Path) -> None:

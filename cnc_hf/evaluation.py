@@ -22,8 +22,10 @@ images the model has not trained on: the trainer holds out a fraction of the nor
 images, scores them and takes a high quantile (0.99, linear interpolation) of their image scores.
 The quantile targets a ~1% false-alarm rate on normal images; unlike the maximum it is not set by
 a single odd image once there are more than a handful of held-out images (with few it is close to
-the maximum). The threshold is pooled over categories because the model, and the pipeline that
-applies the threshold, are category-agnostic.
+the maximum). The same quantile is also taken per category (`config.category_thresholds`): normal
+images of one product can score far above those of another, so a pooled threshold decides badly for
+some categories. The pipeline uses a category's own threshold when the caller names the category,
+the pooled one otherwise; `evaluate_model` reports the decisions both ways.
 """
 
 from __future__ import annotations
@@ -129,16 +131,41 @@ def calibrate_threshold(model, processor, normal_split, quantile: float = DEFAUL
     return threshold, details
 
 
-def threshold_decisions(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
-    """Image-level precision, recall, F1 and accuracy of `score >= threshold` (the pipeline's rule)."""
+def threshold_decisions(scores: np.ndarray, labels: np.ndarray, threshold) -> dict:
+    """Image-level precision, recall, F1, accuracy and balanced accuracy of `score >= threshold` (the
+    pipeline's rule); `threshold` is one number or one per image (each image's category threshold)."""
     pred, truth = scores >= threshold, labels.astype(bool)
     tp, fp = int((pred & truth).sum()), int((pred & ~truth).sum())
     fn, tn = int((~pred & truth).sum()), int((~pred & ~truth).sum())
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    specificity = tn / (tn + fp) if tn + fp else None
+    balanced = (recall + specificity) / 2 if tp + fn and specificity is not None else None
     return {"precision": precision, "recall": recall, "f1": f1, "accuracy": (tp + tn) / max(1, tp + fp + fn + tn),
-            "false_positive_rate": fp / (fp + tn) if fp + tn else 0.0}
+            "balanced_accuracy": balanced, "false_positive_rate": fp / (fp + tn) if fp + tn else 0.0,
+            "num_images": tp + fp + fn + tn}
+
+
+def category_decisions(scores: np.ndarray, labels: np.ndarray, categories: list[str], config) -> dict:
+    """Decision quality at the calibrated thresholds, as the pipeline decides with `category=` given: per
+    category (its own threshold, else the pooled one), pooled over all images, and the mean over categories."""
+    from cnc_hf.modeling.configuration_cnc import threshold_for
+
+    categories = np.asarray(categories)
+    per_category, per_image = {}, np.empty(scores.shape, dtype=np.float64)
+    for name in sorted(set(categories.tolist())):
+        chosen = categories == name
+        value, source = threshold_for(config.threshold, getattr(config, "category_thresholds", None), name)
+        if value is None:
+            return {}
+        per_image[chosen] = value
+        per_category[name] = {"threshold": float(value), "threshold_source": source,
+                              **threshold_decisions(scores[chosen], labels[chosen], value)}
+    keys = ("balanced_accuracy", "precision", "recall", "f1")
+    mean = {key: float(np.mean([d[key] for d in per_category.values() if d[key] is not None]))
+            if any(d[key] is not None for d in per_category.values()) else None for key in keys}
+    return {"per_category": per_category, "mean": mean, "pooled": threshold_decisions(scores, labels, per_image)}
 
 
 # ----------------------------------------------------------------------------- the evaluation loop
@@ -171,7 +198,7 @@ def evaluate_model(model, processor, dataset_split, batch_size: int = 8, acceler
     if wanted:
         Path(heatmap_dir).mkdir(parents=True, exist_ok=True)
     main = accelerator is None or accelerator.is_main_process
-    all_scores, all_labels = [], []
+    all_scores, all_labels, all_categories = [], [], []
 
     for batch, maps, scores in _score_batches(model, processor, dataset_split, batch_size, accelerator, num_workers,
                                               progress, desc="evaluate"):
@@ -191,6 +218,7 @@ def evaluate_model(model, processor, dataset_split, batch_size: int = 8, acceler
                                has_mask=has_mask.cpu().bool())
             all_scores.append(scores.cpu().double().numpy())
             all_labels.append(labels.cpu().numpy())
+            all_categories.extend(names[int(c)] for c in cats.cpu())
 
     results = None
     if main:
@@ -200,6 +228,9 @@ def evaluate_model(model, processor, dataset_split, batch_size: int = 8, acceler
         results["world_size"] = 1 if accelerator is None else int(accelerator.num_processes)
         if threshold is not None:
             results["threshold"] = {"value": float(threshold), **threshold_decisions(scores, labels, float(threshold))}
+            decisions = category_decisions(scores, labels, all_categories, unwrapped.config)
+            if decisions:
+                results["decisions"] = decisions
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -262,8 +293,27 @@ def write_metrics(metrics: dict, output_dir: str | os.PathLike, extra: dict | No
     payload = {**metrics, **(extra or {})}
     json_path, md_path = out / "metrics.json", out / "metrics.md"
     json_path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    md_path.write_text(format_metrics_table(metrics) + "\n")
+    text = format_metrics_table(metrics)
+    if metrics.get("decisions"):
+        text += "\n\n" + format_decisions_table(metrics["decisions"])
+    md_path.write_text(text + "\n")
     return json_path, md_path
+
+
+def format_decisions_table(decisions: dict) -> str:
+    """The yes/no decisions at the calibrated thresholds, per category and their mean (percent)."""
+    def pct(value):
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    lines = ["Decisions at the calibrated thresholds (the pipeline with `category=` given; percent):", "",
+             "| Category | threshold | balanced acc. | precision | recall | F1 |", "|---|---|---|---|---|---|"]
+    for name, row in decisions["per_category"].items():
+        lines.append(f"| {name} | {row['threshold']:.4g} ({row['threshold_source']}) | {pct(row['balanced_accuracy'])} "
+                     f"| {pct(row['precision'])} | {pct(row['recall'])} | {pct(row['f1'])} |")
+    mean = decisions["mean"]
+    lines.append(f"| **Mean** | | {pct(mean['balanced_accuracy'])} | {pct(mean['precision'])} | {pct(mean['recall'])} "
+                 f"| {pct(mean['f1'])} |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- command line

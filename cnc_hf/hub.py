@@ -363,6 +363,7 @@ def write_model_card(
         metrics_table=metrics_table(metrics),
         threshold=threshold,
         threshold_method=_threshold_method(threshold_info),
+        example_category=sorted(config.get("category_thresholds") or {"bottle": None})[0],
         hyperparameters=_hyperparameters(config, training_args, summary),
         heatmap_image=_find_heatmap_example(model_dir),
         citation=CITATION,
@@ -514,11 +515,24 @@ def check_local_model_argument(value: Any, flag: str = "--model") -> None:
     parts = Path(text).parts
     looks_local = (text.startswith(("/", "./", "../", "~", "\\")) or text.endswith(("/", os.sep)) or text.count("/") > 1
                    or (len(parts) > 1 and Path(parts[0]).is_dir()))
+    if looks_local and _looks_like_hub_id(text) and _in_hub_cache(text):
+        return  # "openai/clip-..." run from a folder that has its own openai/: the cached Hub repo is meant
     if looks_local:
         parent = next((p for p in path.parents if p.is_dir()), None)
         near = sorted(c.name for c in parent.iterdir() if c.is_dir())[:8] if parent is not None else []
         hint = f"; folders in {parent}: {', '.join(near)}" if near else ""
-        raise ModelNotAvailableError(f"{flag} {text}: no such folder{hint}")
+        hub = (" (to use the Hub repo of that name, run from a folder without a local "
+               f"{Path(text).parts[0]}/ or download it first)") if _looks_like_hub_id(text) else ""
+        raise ModelNotAvailableError(f"{flag} {text}: no such folder{hint}{hub}")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the cache cannot even look up is not in it
+        return False
 
 
 # --------------------------------------------------------------------------- loading by Hub id

@@ -1,4 +1,5 @@
-"""Run a model exported by `cnc-hf export` with ONNX Runtime: numpy, PIL and onnxruntime, no torch.
+"""Run a model exported by `cnc-hf export` with ONNX Runtime, without torch: onnxruntime, numpy, PIL and
+transformers (whose image-processor base class `CNCImageProcessor` builds on; it needs no torch).
 
     from cnc_hf.onnx_runtime import OnnxAnomalyDetector
     detector = OnnxAnomalyDetector("cnc.onnx")
@@ -55,6 +56,17 @@ class OnnxAnomalyDetector:
         self.image_size = int(self.metadata["image_size"])
         self.processor = CNCImageProcessor(**self.metadata["processor"])
         self.threshold = self.metadata.get("threshold") if threshold is None else float(threshold)
+        self.category_thresholds = self.metadata.get("config", {}).get("category_thresholds")
+
+    def decision_threshold(self, category: str | None = None, threshold: float | None = None):
+        """(threshold, source) that decides for `category`, as `AnomalyMapPipeline.decision_threshold`."""
+        from cnc_hf.modeling.configuration_cnc import threshold_for
+
+        if threshold is not None:
+            if isinstance(threshold, bool) or not math.isfinite(float(threshold)):
+                raise ValueError(f"threshold: got {threshold!r}; expected a finite number")
+            return float(threshold), "call"
+        return threshold_for(self.threshold, self.category_thresholds, category)
 
     def run(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The raw graph: (B, 3, S, S) float32 -> (anomaly_map (B, S, S), image_score (B,))."""
@@ -69,15 +81,13 @@ class OnnxAnomalyDetector:
         return anomaly_map, image_score
 
     def __call__(self, images: Any, batch_size: int = 8, threshold: float | None = None,
-                 return_heatmap: bool = True):
+                 return_heatmap: bool = True, category: str | None = None):
         """Score one image or a list of them; returns one result dict, or a list for a list."""
         from cnc_hf.modeling.heatmap import overlay_heatmap
 
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
-        threshold = self.threshold if threshold is None else float(threshold)
-        if threshold is not None and not math.isfinite(threshold):
-            raise ValueError(f"threshold: got {threshold!r}; expected a finite number")
+        threshold, source = self.decision_threshold(category, threshold)
         results = []
         for start in range(0, len(items), max(1, int(batch_size))):
             rgbs = [_load_rgb(item) for item in items[start:start + batch_size]]
@@ -93,6 +103,10 @@ class OnnxAnomalyDetector:
                     "is_anomaly": None if threshold is None else bool(score >= threshold),
                     "anomaly_map": self.processor.postprocess_anomaly_map(small, (rgb.height, rgb.width)),
                     "heatmap": heatmap,
+                    "category": category,
+                    "threshold": threshold,
+                    "threshold_source": source if threshold is not None else None,
+                    "normalized_score": float(score) / threshold if threshold is not None and threshold > 0 else None,
                 })
         return results[0] if single else results
 

@@ -13,7 +13,8 @@ share a file name (every MVTec defect folder has a 000.png) never overwrite each
 
 Results are written as they come, one batch at a time (memory does not grow with the number of
 images): `predictions.jsonl` and `predictions.csv` line by line, then `predictions.json` (the same
-records as one list) at the end. Each record: image, score, is_anomaly, threshold, heatmap, map.
+records as one list) at the end. Each record: image, score, is_anomaly, category (--category), the
+threshold that decided, normalized_score (score / threshold: 1.0 is the boundary), heatmap, map.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ import csv
 import glob
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 GLOB_CHARS = set("*?[")
-RECORD_FIELDS = ("image", "score", "is_anomaly", "threshold", "heatmap", "map")
+RECORD_FIELDS = ("image", "score", "is_anomaly", "category", "threshold", "normalized_score", "heatmap", "map")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="predictions", help="where overlays and maps go (default: %(default)s)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="decision threshold on the image score (default: the model's calibrated one)")
+    parser.add_argument("--category", default=None,
+                        help="the product category of the images: decide at that category's calibrated threshold "
+                             "(default: the pooled one)")
     parser.add_argument("--batch_size", type=int, default=8, help="images per forward pass (default: %(default)s)")
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: cpu)")
     parser.add_argument("--no_maps", action="store_true", help="do not write the .npy anomaly maps")
@@ -63,7 +68,7 @@ def collect_images(inputs: list[str]) -> list[Path]:
         elif GLOB_CHARS & set(item):
             matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
             matches = [p for q in matches for p in (sorted(x for x in q.rglob("*") if is_image_file(x))
-                                                     if q.is_dir() else [q])]
+                                                     if q.is_dir() else [q] if is_image_file(q) else [])]
         else:
             matches = []
         if not matches:
@@ -80,18 +85,24 @@ def collect_images(inputs: list[str]) -> list[Path]:
 
 def output_stems(images: list[Path], output_dir: Path) -> list[Path]:
     """Where each image's outputs go, without the suffix: its path below the images' common folder,
-    inside `output_dir`. Distinct images always get distinct stems."""
+    inside `output_dir`. Distinct images always get distinct stems: images that differ only in their
+    extension (x.png, x.jpg) keep it in the stem (x.png_heatmap.png, x.jpg_heatmap.png)."""
     resolved = [p.resolve() for p in images]
     common = Path(os.path.commonpath([p.parent for p in resolved]))
-    return [output_dir / p.relative_to(common).with_suffix("") for p in resolved]
+    stems = [p.relative_to(common).with_suffix("") for p in resolved]
+    clashing = {s for s, n in Counter(stems).items() if n > 1}
+    return [output_dir / (p.relative_to(common) if s in clashing else s) for p, s in zip(resolved, stems)]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise SystemExit("cnc-hf predict: --batch_size must be >= 1")
-    images = collect_images(args.images)
     out = Path(args.output_dir)
+    # Outputs of an earlier run inside a folder given as input are not inputs.
+    images = [p for p in collect_images(args.images) if out.resolve() not in p.resolve().parents]
+    if not images:
+        raise SystemExit(f"cnc-hf predict: no images to score in {', '.join(args.images)} (outside {out})")
     stems = output_stems(images, out)
     from tqdm.auto import tqdm
 
@@ -99,13 +110,15 @@ def main(argv: list[str] | None = None) -> int:
         from cnc_hf.onnx_runtime import OnnxAnomalyDetector
 
         pipe = OnnxAnomalyDetector(args.onnx)
-        threshold = args.threshold if args.threshold is not None else pipe.threshold
     else:
         from cnc_hf.hub import load_pipeline
 
         pipe = load_pipeline(args.model, device=args.device)
-        threshold = args.threshold if args.threshold is not None else pipe.model.config.threshold
-    call = {"batch_size": args.batch_size, "threshold": threshold}
+    call = {"batch_size": args.batch_size, "threshold": args.threshold, "category": args.category}
+    try:
+        pipe.decision_threshold(args.category, args.threshold)  # an unknown --category: one line, before any output
+    except ValueError as err:
+        raise SystemExit(f"cnc-hf predict: {err}") from None
     out.mkdir(parents=True, exist_ok=True)
     records = []
     with open(out / "predictions.jsonl", "w", encoding="utf-8") as lines, \
@@ -117,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             chunk = images[start:start + args.batch_size]
             results = pipe([str(p) for p in chunk], **call)
             for path, stem, result in zip(chunk, stems[start:start + args.batch_size], results):
-                record = _write_outputs(path, stem, result, threshold, write_map=not args.no_maps)
+                record = _write_outputs(path, stem, result, write_map=not args.no_maps)
                 records.append(record)
                 lines.write(json.dumps(record) + "\n")
                 writer.writerow(record)
@@ -131,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _write_outputs(path: Path, stem: Path, result: dict, threshold, write_map: bool) -> dict:
+def _write_outputs(path: Path, stem: Path, result: dict, write_map: bool) -> dict:
     stem.parent.mkdir(parents=True, exist_ok=True)
     heatmap = stem.with_name(stem.name + "_heatmap.png")
     result["heatmap"].save(heatmap)
@@ -140,7 +153,9 @@ def _write_outputs(path: Path, stem: Path, result: dict, threshold, write_map: b
         map_path = stem.with_name(stem.name + "_map.npy")
         np.save(map_path, result["anomaly_map"].astype(np.float32))
     return {"image": str(path), "score": float(result["score"]), "is_anomaly": result["is_anomaly"],
-            "threshold": threshold, "heatmap": str(heatmap), "map": str(map_path) if map_path else None}
+            "category": result["category"], "threshold": result["threshold"],
+            "normalized_score": result["normalized_score"], "heatmap": str(heatmap),
+            "map": str(map_path) if map_path else None}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -84,7 +84,11 @@ class CNCConfig(PretrainedConfig):
             paper uses the maximum; `"mean_top1pct"` averages the top 1% of pixels.
         image_size (`int`, defaults to 224): input resolution (the paper resizes to 224x224).
         threshold (`float`, *optional*): decision threshold on the image score, calibrated on
-            held-out normal training images by the trainer; used by the pipeline.
+            held-out normal training images by the trainer; used by the pipeline when no category
+            is named (and for a category without a threshold of its own).
+        category_thresholds (`dict[str, float]`, *optional*): one calibrated threshold per training
+            category (scores of normal images differ by category, so one pooled value decides badly
+            for some); used by the pipeline when the caller names the category.
         use_mlf / use_cnc / use_moe (`bool`, default True): the components of Table 2.
             Without MLF the decoder is fed the deepest tapped feature alone; without CNC there
             is no prompt learning, no normality promotion (f* = f) and no L_constraint; without
@@ -122,6 +126,7 @@ class CNCConfig(PretrainedConfig):
         image_score_reduction: str = "max",
         image_size: int = 224,
         threshold: float | None = None,
+        category_thresholds: dict[str, float] | None = None,
         use_mlf: bool = True,
         use_cnc: bool = True,
         use_moe: bool = True,
@@ -160,6 +165,7 @@ class CNCConfig(PretrainedConfig):
         self.image_score_reduction = image_score_reduction
         self.image_size = image_size
         self.threshold = threshold
+        self.category_thresholds = dict(category_thresholds) if category_thresholds else None
         self.use_mlf = use_mlf
         self.use_cnc = use_cnc
         self.use_moe = use_moe
@@ -214,6 +220,9 @@ class CNCConfig(PretrainedConfig):
             raise ValueError(f"moe_top_k (K) must be in [1, num_experts={self.num_experts}], got {self.moe_top_k}.")
         if self.moe_gating not in MOE_GATINGS:
             raise ValueError(f"moe_gating={self.moe_gating!r}: expected one of {MOE_GATINGS}.")
+        for name, value in (self.category_thresholds or {}).items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"category_thresholds[{name!r}]={value!r}: expected a finite number.")
         if self.moe_importance_loss not in IMPORTANCE_LOSS_FORMS:
             raise ValueError(f"moe_importance_loss={self.moe_importance_loss!r}: expected one of {IMPORTANCE_LOSS_FORMS}.")
         if self.expert_mlp_ratio <= 0 or self.decoder_mlp_ratio <= 0:
@@ -243,6 +252,12 @@ class CNCConfig(PretrainedConfig):
         trained with (LEGACY_DEFAULTS), not today's default."""
         config_dict = {**LEGACY_DEFAULTS, **config_dict}
         return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def from_json_file(cls, json_file):
+        """A config.json file, read like `from_pretrained` reads it (with the legacy defaults of `from_dict`;
+        transformers' own `from_json_file` would build the class directly and skip them)."""
+        return cls.from_dict(cls._dict_from_json_file(json_file))
 
     @property
     def vision_hidden_size(self) -> int:
@@ -282,6 +297,19 @@ class CNCConfig(PretrainedConfig):
             if text.eos_token_id not in (None, 2) and text.bos_token_id is not None:
                 token_fields = {"bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id}
         return cls(clip_config=clip_config, **{**token_fields, **overrides})
+
+
+def threshold_for(threshold: float | None, category_thresholds: dict | None, category: str | None):
+    """(threshold, where it came from) for an image of `category`: the category's own calibrated threshold
+    when the model has one, else the pooled `threshold`. A category name the model has thresholds for
+    none of (a typo, another product) is a ValueError naming the known ones, never a silent fallback.
+    Shared by the pipeline and the ONNX Runtime path."""
+    if category is None or not category_thresholds:
+        return threshold, "pooled"
+    if category not in category_thresholds:
+        raise ValueError(f"category {category!r}: the model has calibrated thresholds for "
+                         f"{sorted(category_thresholds)}; pass one of them (or no category for the pooled threshold)")
+    return float(category_thresholds[category]), "category"
 
 
 def _try_load_tokenizer(path_or_id, **hub_kwargs):

@@ -170,11 +170,17 @@ class CNCModel(CNCPreTrainedModel):
         pipelines = dict(self.config.__dict__.get("custom_pipelines") or {})
         pipelines[TASK] = {"impl": f"pipeline_cnc.{AnomalyMapPipeline.__name__}", "pt": ["AutoModel"], "type": "image"}
         self.config.custom_pipelines = pipelines
+        # transformers uploads inside its save, before the files below exist: push after them instead.
+        push = kwargs.pop("push_to_hub", False)
+        hub = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private") if key in kwargs}
         super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
+        if self.should_save_on_this_rank(kwargs.get("is_main_process", True)):
             custom_object_save(AnomalyMapPipeline, save_directory)  # pipeline_cnc.py and what it imports
             if not os.path.isfile(os.path.join(save_directory, "preprocessor_config.json")):
                 CNCImageProcessor(size=self.config.image_size).save_pretrained(save_directory)
+            if push:
+                repo_id = hub.pop("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
+                self.push_to_hub(repo_id, token=kwargs.get("token"), **hub)
 
     @classmethod
     def from_clip_pretrained(cls, pretrained_model_name_or_path, **overrides) -> "CNCModel":

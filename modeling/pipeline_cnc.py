@@ -12,9 +12,15 @@ and sibling files of the saved model.
 Output per image (a list of these for a list input):
 - `score` (float): the model's image score (the maximum of the anomaly map, Eq. 17, at the model
   resolution; `config.image_score_reduction`).
-- `is_anomaly` (bool or None): `score >= threshold`. The threshold is `config.threshold` (calibrated
-  on held-out normal images by the trainer) unless `threshold=` is passed to the call. When neither
+- `is_anomaly` (bool or None): `score >= threshold`. The threshold is, in this order: `threshold=`
+  passed to the call; with `category="name"`, that category's own calibrated threshold
+  (`config.category_thresholds`; an unknown name is a ValueError listing the known ones); else the
+  pooled `config.threshold` (calibrated on held-out normal images by the trainer). When none
   exists it is None and a warning says so once: we never invent a threshold.
+- `category` (str or None): the category given by the caller.
+- `threshold` (float or None) and `threshold_source` ("call", "category" or "pooled"): what decided.
+- `normalized_score` (float or None): score / threshold, so 1.0 is the decision boundary of every
+  category (None without a positive threshold).
 - `anomaly_map` (float32 numpy, height x width of the ORIGINAL image): the map resized back
   bilinearly. This is the only full-size float array the pipeline creates.
 - `heatmap` (RGB PIL image): the map as a jet colour map blended at alpha 0.5 over the input,
@@ -42,6 +48,7 @@ import torch
 from transformers import Pipeline
 from transformers.utils import logging
 
+from .configuration_cnc import threshold_for
 from .heatmap import HEATMAP_ALPHA, HEATMAP_MAX_SIDE, fit_within, jet_colormap
 from .heatmap import overlay_heatmap as _overlay
 from .image_processing_cnc import CNCImageProcessor, to_rgb_pil
@@ -145,8 +152,10 @@ class AnomalyMapPipeline(Pipeline):
     `CNCImageProcessor` at `model.config.image_size`).
 
     Call arguments (also accepted at construction, as defaults):
-        threshold (`float`, *optional*): decision threshold on the score; defaults to
-            `model.config.threshold`.
+        threshold (`float`, *optional*): decision threshold on the score; defaults to the category's
+            calibrated threshold when `category` is given, else `model.config.threshold`.
+        category (`str`, *optional*): the product category of the images (one of the model's training
+            categories), which selects its calibrated threshold.
         heatmap_range (`(float, float)`, *optional*): colour scale of the heat map; see the module docstring.
         return_heatmap (`bool`, defaults to True): skip the overlay (faster) when False; the key is then None.
         batch_size (`int`): images per model forward.
@@ -172,15 +181,18 @@ class AnomalyMapPipeline(Pipeline):
         self.model.eval()  # train mode returns losses, not maps
         self._warned_no_threshold = False
 
-    def _sanitize_parameters(self, threshold=None, heatmap_range=None, return_heatmap=None, **kwargs):
+    def _sanitize_parameters(self, threshold=None, heatmap_range=None, return_heatmap=None, category=None, **kwargs):
         if kwargs:
             raise ValueError(
                 f"AnomalyMapPipeline got unexpected arguments {sorted(kwargs)}; "
-                "expected threshold, heatmap_range, return_heatmap, batch_size"
+                "expected threshold, category, heatmap_range, return_heatmap, batch_size"
             )
         postprocess = {}
         if threshold is not None:
             postprocess["threshold"] = _check_threshold(threshold)
+        if category is not None:
+            self.decision_threshold(str(category))  # an unknown category fails here, before any image is read
+            postprocess["category"] = str(category)
         if heatmap_range is not None:
             low, high = (float(v) for v in heatmap_range)
             if not (math.isfinite(low) and math.isfinite(high) and high > low):
@@ -224,19 +236,27 @@ class AnomalyMapPipeline(Pipeline):
             "image": model_inputs["image"],
         }
 
-    def _resolve_threshold(self, threshold: float | None) -> float | None:
-        if threshold is None:
-            threshold = _check_threshold(getattr(self.model.config, "threshold", None), "config.threshold")
+    def decision_threshold(self, category: str | None = None, threshold: float | None = None) -> tuple[float | None, str]:
+        """(threshold, source) that decides for `category`: `threshold` if given ("call"), else the category's
+        calibrated one ("category"), else the pooled one ("pooled"). ValueError for an unknown category."""
+        if threshold is not None:
+            return _check_threshold(threshold), "call"
+        config = self.model.config
+        value, source = threshold_for(config.threshold, getattr(config, "category_thresholds", None), category)
+        return _check_threshold(value, "config.threshold"), source
+
+    def _resolve_threshold(self, threshold: float | None, category: str | None = None) -> tuple[float | None, str]:
+        threshold, source = self.decision_threshold(category, threshold)
         if threshold is None and not self._warned_no_threshold:
             self._warned_no_threshold = True
             logger.warning(
                 "AnomalyMapPipeline: the model has no calibrated threshold (config.threshold is None) and none was "
                 "passed, so is_anomaly is None. Pass threshold=... or use a model trained with cnc-hf's trainer."
             )
-        return threshold
+        return threshold, source
 
-    def postprocess(self, model_outputs, threshold=None, heatmap_range=None, return_heatmap=True):
-        threshold = self._resolve_threshold(threshold)
+    def postprocess(self, model_outputs, threshold=None, heatmap_range=None, return_heatmap=True, category=None):
+        threshold, source = self._resolve_threshold(threshold, category)
         height, width = (int(v) for v in model_outputs["original_size"].reshape(-1)[:2])
         small_map = model_outputs["anomaly_map"].reshape(model_outputs["anomaly_map"].shape[-2:]).float()
         score = float(model_outputs["image_score"].reshape(-1)[0])
@@ -251,6 +271,10 @@ class AnomalyMapPipeline(Pipeline):
             "is_anomaly": None if threshold is None else bool(score >= threshold),
             "anomaly_map": self.image_processor.postprocess_anomaly_map(small_map, (height, width)),
             "heatmap": heatmap,
+            "category": category,
+            "threshold": threshold,
+            "threshold_source": source if threshold is not None else None,
+            "normalized_score": score / threshold if threshold is not None and threshold > 0 else None,
         }
 
 

@@ -56,8 +56,13 @@ def test_demo_end_to_end_small(tmp_path):
     assert isinstance(config["threshold"], float)
     records = json.loads((out / "predictions.json").read_text())
     assert len(records) == 4 and {r["label"] for r in records} == {0, 1}
-    assert all(r["is_anomaly"] == (r["score"] >= config["threshold"]) for r in records)
+    per_category = config["category_thresholds"]  # calibrated per category; the gallery decides with them
+    assert set(per_category) == {"brick", "grass", "gravel"}
+    assert all(r["threshold"] == per_category[r["category"]] for r in records)
+    assert all(r["is_anomaly"] == (r["score"] >= per_category[r["category"]]) for r in records)
     assert (out / "gallery.png").stat().st_size > 0 and (out / "metrics.md").read_text().startswith("| Category")
+    assert "Decisions at the calibrated thresholds" in (out / "metrics.md").read_text()
+    assert set(metrics["decisions"]["per_category"]) == {"brick", "grass", "gravel"}
 
 
 def test_predict_writes_heat_maps_and_scores_like_the_pipeline(tmp_path, capsys):
@@ -145,3 +150,20 @@ def test_predict_never_overwrites_images_that_share_a_name(tmp_path):
     assert (out2 / "broken" / "000_heatmap.png").is_file()
     with pytest.raises(SystemExit, match="nothing.png"):
         cli.main(["predict", str(tmp_path / "nothing.png"), "--model", str(tmp_path / "model")])
+
+
+def test_predict_keeps_images_that_differ_only_in_extension_apart_and_skips_non_images(tmp_path):
+    from cnc_hf.predict import collect_images, output_stems
+
+    folder = tmp_path / "pin"
+    folder.mkdir()
+    from PIL import Image
+
+    for name in ("x.png", "x.jpg", "y.png"):
+        Image.new("RGB", (8, 8)).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    found = collect_images([str(folder / "*")])
+    assert sorted(p.name for p in found) == ["x.jpg", "x.png", "y.png"]  # the glob's notes.txt is left out
+    stems = output_stems(found, tmp_path / "out")
+    assert len(set(stems)) == 3
+    assert sorted(s.name for s in stems) == ["x.jpg", "x.png", "y"]

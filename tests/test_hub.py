@@ -381,3 +381,12 @@ def test_a_mistyped_local_model_folder_fails_at_once_without_the_network(model_d
     assert "--model ./nowhere: no such folder" in err
     for hub_id in ("org/name", "name"):  # Hub ids are left to the Hub
         hub.check_local_model_argument(hub_id)
+
+
+def test_a_cached_hub_id_is_used_even_beside_a_local_folder_of_its_org(tmp_path, monkeypatch):
+    (tmp_path / "openai").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(hub.ModelNotAvailableError, match="to use the Hub repo of that name"):
+        hub.check_local_model_argument("openai/clip-vit-base-patch32")
+    monkeypatch.setattr(hub, "_in_hub_cache", lambda repo_id: True)
+    hub.check_local_model_argument("openai/clip-vit-base-patch32")  # cached: the Hub repo is meant

@@ -205,3 +205,12 @@ def test_importance_loss_literal_form_is_r_squared_times_cv2_by_hand():
     assert literal.item() == pytest.approx(routed**2 * cv2.item(), rel=1e-4)
     with pytest.raises(ValueError, match="moe_importance_loss"):
         CNCConfig(moe_importance_loss="sum")
+
+
+def test_from_json_file_keeps_the_legacy_behaviour_of_an_old_config(tmp_path):
+    CNCConfig(**tiny_cnc_config().to_dict()).to_json_file(tmp_path / "new.json")
+    saved = json.loads((tmp_path / "new.json").read_text())
+    old = {k: v for k, v in saved.items() if k not in ("promotion_scale", "prompt_training")}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert CNCConfig.from_json_file(tmp_path / "old.json").promotion_scale == "patch"
+    assert CNCConfig.from_json_file(tmp_path / "new.json").promotion_scale == "map"

@@ -74,7 +74,8 @@ def test_pipeline_by_task_name_uses_installed_code_and_returns_everything(pipe, 
     assert type(pipe) is AnomalyMapPipeline  # no trust_remote_code needed once cnc_hf is imported
     image = random_image(45, 70)
     result = pipe(image)
-    assert set(result) == {"score", "is_anomaly", "anomaly_map", "heatmap"}
+    assert set(result) == {"score", "is_anomaly", "anomaly_map", "heatmap", "category", "threshold", "threshold_source",
+                           "normalized_score"}
     assert isinstance(result["score"], float) and isinstance(result["is_anomaly"], bool)
     assert result["anomaly_map"].shape == (45, 70) and result["anomaly_map"].dtype == np.float32
     assert isinstance(result["heatmap"], PIL.Image.Image) and result["heatmap"].size == (70, 45)
@@ -297,3 +298,20 @@ def test_push_to_hub_uploads_the_complete_model_repo(model_dir, monkeypatch):
     monkeypatch.setattr(CNCModel, "_upload_modified_files", record)
     assert CNCModel.from_pretrained(model_dir).push_to_hub("org/cnc-test") == "commit"
     assert uploaded["org/cnc-test"] == sorted([p.name for p in model_dir.iterdir()] + ["README.md"])
+
+
+def test_save_pretrained_with_push_to_hub_uploads_the_complete_repo(model_dir, tmp_path, monkeypatch):
+    import types
+
+    import transformers.utils.hub as hf_hub_utils
+
+    uploaded = {}
+    monkeypatch.setattr(hf_hub_utils, "hf_api", lambda: types.SimpleNamespace(
+        create_repo=lambda repo_id, **kwargs: types.SimpleNamespace(repo_id=repo_id)))
+    monkeypatch.setattr(hf_hub_utils, "create_and_tag_model_card", lambda *args, **kwargs: types.SimpleNamespace(
+        save=lambda path: open(path, "w").write("card")))
+    monkeypatch.setattr(CNCModel, "_upload_modified_files",
+                        lambda self, working_dir, repo_id, **kwargs: uploaded.setdefault(repo_id, sorted(
+                            os.listdir(working_dir))))
+    CNCModel.from_pretrained(model_dir).save_pretrained(tmp_path / "out", push_to_hub=True, repo_id="org/cnc-x")
+    assert uploaded["org/cnc-x"] == sorted([p.name for p in model_dir.iterdir()] + ["README.md"])

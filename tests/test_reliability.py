@@ -489,7 +489,7 @@ def test_a_save_killed_at_any_point_leaves_the_old_or_the_new_model_never_a_mix(
     if seen is not None:  # whatever loads is one whole save, never new config over old weights or the reverse
         assert (seen[0], torch.equal(seen[1], old[1])) == (1.0, True) or (
             seen[0] == 2.0 and torch.equal(seen[1], new_weights)), crash
-    reached_commit_list = crash != "before_commit_list"
+    reached_commit_list = crash not in ("before_commit_list", "replace_0")  # the 1st rename puts COMMIT in place
     assert atomic.finish_interrupted_save(folder) == (reached_commit_list and not finished)
     final = _saved_pair(folder)
     assert final is not None and not (folder / atomic.STAGING).exists()
@@ -505,8 +505,50 @@ def test_overwrite_output_dir_removes_the_previous_model_before_training(tmp_pat
 
     folder = tmp_path / "run"
     save_model_dir(CNCModel(tiny_cnc_config(threshold=1.0)), None, folder)
-    for name in ("README.md", "training_args.json", "metrics.json", "notes.txt"):
+    for name in ("README.md", "training_args.json", "metrics.json", "notes.txt", "setup.py", "utils.py"):
         (folder / name).write_text("x")
     (folder / "checkpoints" / "epoch_0001").mkdir(parents=True)
     train.remove_previous_run(folder)
-    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]  # the user's own file stays
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "setup.py", "utils.py"]  # the user's own files
+    # A folder whose config.json is not a CNC model's is refused, untouched.
+    (folder / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(train.TrainingSetupError, match="not a CNC model's config"):
+        train.remove_previous_run(folder)
+    assert (folder / "config.json").exists() and (folder / "setup.py").exists()
+
+
+def test_concurrent_saves_into_one_folder_never_mix_and_a_torn_commit_list_is_dropped(tmp_path):
+    import threading
+
+    import cnc_hf.atomic as atomic
+    from cnc_hf.modeling import CNCModel
+    from cnc_hf.pipeline import save_model_dir
+
+    models = []
+    for seed, threshold in ((0, 1.0), (1, 2.0)):
+        torch.manual_seed(seed)
+        models.append(CNCModel(tiny_cnc_config(threshold=threshold)).eval())
+    folder = tmp_path / "model"
+    errors = []
+
+    def save(model):
+        try:
+            save_model_dir(model, None, folder)
+        except Exception as err:  # noqa: BLE001 (reported below)
+            errors.append(err)
+
+    threads = [threading.Thread(target=save, args=(m,)) for m in models]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    threshold, weight = _saved_pair(folder)
+    winner = models[0] if threshold == 1.0 else models[1]
+    assert torch.equal(weight, winner.decoder.blocks[0].qkv.weight)
+    # A COMMIT list torn by a kill (or a full disk) means the save never completed: dropped, old model kept.
+    (folder / atomic.STAGING).mkdir()
+    (folder / atomic.STAGING / "config.json").write_text("{}")
+    (folder / atomic.STAGING / atomic.COMMIT).write_text('["config.js')
+    assert atomic.finish_interrupted_save(folder) is False and not (folder / atomic.STAGING).exists()
+    assert _saved_pair(folder)[0] == threshold

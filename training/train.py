@@ -248,7 +248,7 @@ def config_overrides(args) -> dict:
     known = set(CNCConfig().to_dict())
     for item in args.config_override:
         name, sep, raw = item.partition("=")
-        if not sep or name not in known or name in ("clip_config", "threshold"):
+        if not sep or name not in known or name in ("clip_config", "threshold", "category_thresholds"):
             raise TrainingSetupError(f"--config_override {item!r}: expected KEY=VALUE with KEY a CNCConfig field "
                                      f"(not clip_config/threshold)")
         try:
@@ -282,6 +282,14 @@ def check_output_dir(args) -> None:
                 raise TrainingSetupError(f"--resume {args.resume}: not a loadable checkpoint: {err}") from err
         args.resume = str(target)
         return
+    if args.overwrite_output_dir and (out / "config.json").is_file():
+        try:
+            model_type = json.loads((out / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            model_type = None
+        if model_type != "cnc":
+            raise TrainingSetupError(f"--overwrite_output_dir: {out / 'config.json'} is not a CNC model's config "
+                                     f"(model_type {model_type!r}); refusing to replace that folder's contents")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite_output_dir:
         held = ", ".join(sorted(p.name for p in out.iterdir())[:6])
         raise TrainingSetupError(
@@ -494,14 +502,29 @@ def build_model(args):
 
 # What a run leaves in its output dir: --overwrite_output_dir removes all of it before training, so a run
 # that then dies leaves no model of the previous run that would load (or be pushed) as this run's result.
-RUN_OUTPUTS = ("checkpoints", "runs", "heatmaps", "train_log.jsonl", "metrics.json", "metrics.md", "README.md",
-               "training_args.json", "heatmap_example.png", "config.json", "preprocessor_config.json",
-               "model.safetensors", "model-*.safetensors", "model.safetensors.index.json", "*.py")
+# Only what cnc-hf writes goes: a config.json / README.md that is not a CNC model's, and code files other
+# than the model's own (the user's setup.py, utils.py, ...), stay.
+RUN_OUTPUTS = ("checkpoints", "runs", "heatmaps", "evaluation", "train_log.jsonl", "metrics.json", "metrics.md",
+               "training_args.json", "heatmap_example.png", "preprocessor_config.json", "model.safetensors",
+               "model-*.safetensors", "model.safetensors.index.json", ".cnc-saving")
 
 
 def remove_previous_run(output_dir: Path) -> None:
-    # config.json first: from then on the folder holds no loadable model, whatever else a kill leaves behind.
-    for pattern in ("config.json",) + RUN_OUTPUTS:
+    import cnc_hf.modeling
+
+    config = output_dir / "config.json"
+    try:
+        is_cnc = json.loads(config.read_text()).get("model_type") == "cnc"
+    except (OSError, ValueError, AttributeError):
+        is_cnc = False
+    if config.exists() and not is_cnc:
+        raise TrainingSetupError(f"--overwrite_output_dir: {config} is not a CNC model's config; refusing to replace "
+                                 "that folder's contents, choose another --output_dir")
+    if is_cnc:  # config.json first: from then on the folder holds no loadable model, whatever a kill leaves
+        config.unlink()
+        (output_dir / "README.md").unlink(missing_ok=True)
+    model_code = {p.name for p in Path(cnc_hf.modeling.__file__).parent.glob("*.py") if p.name != "__init__.py"}
+    for pattern in RUN_OUTPUTS + tuple(sorted(model_code)):
         for target in output_dir.glob(pattern):
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
 
@@ -785,6 +808,9 @@ def main(argv=None) -> dict:
             unwrapped, processor, calibration_split, quantile=args.threshold_quantile, batch_size=args.eval_batch_size,
             accelerator=accelerator, num_workers=args.num_workers, progress=show, return_details=True)
         unwrapped.config.threshold = threshold
+        # One threshold per category too: normal scores differ by category, so the pooled one decides badly for some.
+        unwrapped.config.category_thresholds = {name: row["quantile"]
+                                                for name, row in threshold_details["per_category"].items()}
         accelerator.print(f"decision threshold {threshold:.5f} = {args.threshold_quantile} quantile of "
                           f"{threshold_details['num_calibration_images']} held-out normal images")
     else:
