@@ -15,7 +15,6 @@ Runtime runs with all graph optimisations on.
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any
 
@@ -62,11 +61,7 @@ class OnnxAnomalyDetector:
         """(threshold, source) that decides for `category`, as `AnomalyMapPipeline.decision_threshold`."""
         from cnc_hf.modeling.configuration_cnc import threshold_for
 
-        if threshold is not None:
-            if isinstance(threshold, bool) or not math.isfinite(float(threshold)):
-                raise ValueError(f"threshold: got {threshold!r}; expected a finite number")
-            return float(threshold), "call"
-        return threshold_for(self.threshold, self.category_thresholds, category)
+        return threshold_for(self.threshold, self.category_thresholds, category, threshold)
 
     def run(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The raw graph: (B, 3, S, S) float32 -> (anomaly_map (B, S, S), image_score (B,))."""
@@ -84,13 +79,14 @@ class OnnxAnomalyDetector:
                  return_heatmap: bool = True, category: str | None = None):
         """Score one image or a list of them; returns one result dict, or a list for a list."""
         from cnc_hf.modeling.heatmap import overlay_heatmap
+        from cnc_hf.modeling.image_processing_cnc import load_rgb
 
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         threshold, source = self.decision_threshold(category, threshold)
         results = []
         for start in range(0, len(items), max(1, int(batch_size))):
-            rgbs = [_load_rgb(item) for item in items[start:start + batch_size]]
+            rgbs = [load_rgb(item) for item in items[start:start + batch_size]]
             pixel_values = self.processor(rgbs, return_tensors="np")["pixel_values"]
             maps, scores = self.run(pixel_values)
             for rgb, small, score in zip(rgbs, maps, scores):
@@ -110,21 +106,3 @@ class OnnxAnomalyDetector:
                 })
         return results[0] if single else results
 
-
-def _load_rgb(item: Any):
-    """Any input the image processor reads -> 8-bit RGB PIL image; a ValueError naming the input otherwise."""
-    import PIL.Image
-
-    from cnc_hf.modeling.image_processing_cnc import to_rgb_pil
-
-    where = f"image {os.fspath(item)!r}" if isinstance(item, (str, os.PathLike)) else f"input of type {type(item).__name__}"
-    if isinstance(item, np.ndarray):
-        where = f"numpy array of shape {item.shape} and dtype {item.dtype}"
-    try:
-        return to_rgb_pil(item)
-    except FileNotFoundError:
-        raise ValueError(f"{where}: no such file") from None
-    except (PIL.UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"{where}: not a readable image ({err})") from err
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{where}: {str(err).removeprefix('images: ')}") from err

@@ -8,6 +8,7 @@ for choices the paper leaves open carry the default we picked and say why (the R
 from __future__ import annotations
 
 import math
+import numbers
 
 from transformers import CLIPConfig, PretrainedConfig
 
@@ -299,17 +300,30 @@ class CNCConfig(PretrainedConfig):
         return cls(clip_config=clip_config, **{**token_fields, **overrides})
 
 
-def threshold_for(threshold: float | None, category_thresholds: dict | None, category: str | None):
-    """(threshold, where it came from) for an image of `category`: the category's own calibrated threshold
-    when the model has one, else the pooled `threshold`. A category name the model has thresholds for
-    none of (a typo, another product) is a ValueError naming the known ones, never a silent fallback.
-    Shared by the pipeline and the ONNX Runtime path."""
+def check_threshold(value, name: str = "threshold") -> float | None:
+    """A decision threshold as a float (None stays None); a ValueError naming `name` for anything else."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name}: got {value!r}; expected a finite number (or None to use the model's)")
+    return float(value)
+
+
+def threshold_for(threshold: float | None, category_thresholds: dict | None, category: str | None,
+                  override: float | None = None):
+    """(threshold, where it came from) that decides for an image of `category`: `override` when given
+    ("call"); else the category's own calibrated threshold when the model has one ("category"); else the
+    pooled `threshold` ("pooled"). A category name the model has no threshold for (a typo, another
+    product) is a ValueError naming the known ones, never a silent fallback. Shared by the pipeline and
+    the ONNX Runtime path."""
+    if override is not None:
+        return check_threshold(override), "call"
     if category is None or not category_thresholds:
-        return threshold, "pooled"
+        return check_threshold(threshold, "config.threshold"), "pooled"
     if category not in category_thresholds:
         raise ValueError(f"category {category!r}: the model has calibrated thresholds for "
                          f"{sorted(category_thresholds)}; pass one of them (or no category for the pooled threshold)")
-    return float(category_thresholds[category]), "category"
+    return check_threshold(category_thresholds[category], f"config.category_thresholds[{category!r}]"), "category"
 
 
 def _try_load_tokenizer(path_or_id, **hub_kwargs):

@@ -64,9 +64,9 @@ def overlay_heatmap(image: PIL.Image.Image, anomaly_map: np.ndarray, value_range
     if image.size != size:
         image = image.resize(size, PIL.Image.Resampling.BILINEAR, reducing_gap=3.0)
     amap = np.asarray(anomaly_map, dtype=np.float32)
-    while amap.ndim > 2 and amap.shape[0] == 1:
+    while amap.ndim > 2 and amap.shape[0] == 1:  # (1, H, W), (1, 1, H, W)
         amap = amap[0]
-    amap = resize_bilinear(amap, size[1], size[0])
+    amap = resize_bilinear(amap, size[1], size[0])  # a ValueError for anything but (H, W)
     low, high = value_range if value_range is not None else (float(np.nanmin(amap)), float(np.nanmax(amap)))
     span = high - low
     # In place: at display size this is the largest float array the overlay makes.

@@ -27,8 +27,7 @@ Input conventions (one rule set for PIL, numpy and torch inputs):
   axis). C is 1 (gray), 2 (gray+alpha), 3 (RGB) or 4 (RGBA). A 4-D array/tensor is a batch.
 - A `str`/`os.PathLike` is a file path: it is opened with PIL and its EXIF orientation applied, as
   `datasets.Image` does when decoding, so a file gives the same pixels as its dataset row.
-- Masks: one rule, the same as the `mask` column of cnc_hf's datasets (cnc_hf.data.common keeps a
-  copy, since this file cannot import cnc_hf; a test checks that they agree): a pixel is a defect when
+- Masks: one rule (`mask_defect_pixels`), which the `mask` column of cnc_hf's datasets uses too: a pixel is a defect when
   any of its channels is non-zero. That is the gray value ("1", "L", "I", "I;16", "F"; MVTec masks
   are 0/255, raw VisA masks use 1..N), the palette index ("P"), any of R, G, B (alpha is ignored);
   other modes (CMYK, YCbCr, ...) count through their RGB colours. A `None` mask is all zeros (a good
@@ -38,6 +37,7 @@ Input conventions (one rule set for PIL, numpy and torch inputs):
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any, Sequence
 
@@ -408,8 +408,67 @@ class CNCImageProcessor(BaseImageProcessor):
         return resized[0, 0].numpy().astype(np.float32, copy=False)
 
 
+# --------------------------------------------------------------------------- pipeline inputs
+# Any input of the pipeline (and of the torch-free ONNX Runtime path) -> an RGB PIL image, or a
+# ValueError that names the input.
+def _describe(item: Any) -> str:
+    """A short name for an input, for error messages."""
+    if isinstance(item, (str, os.PathLike)):
+        return f"image {os.fspath(item)!r}"
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return f"bytes input ({len(item)} bytes)"
+    if isinstance(item, np.ndarray) or _is_tensor(item):
+        kind = "numpy array" if isinstance(item, np.ndarray) else "torch tensor"
+        return f"{kind} of shape {tuple(item.shape)} and dtype {item.dtype}"
+    if isinstance(item, PIL.Image.Image):
+        return f"PIL image (mode {item.mode}, size {item.size})"
+    return f"input of type {type(item).__name__}"
+
+
+def _download(url: str) -> PIL.Image.Image:
+    """An http(s) image through transformers' loader; any network failure becomes a ValueError."""
+    from transformers.image_utils import load_image
+
+    try:
+        return load_image(url)
+    except (ValueError, OSError, PIL.UnidentifiedImageError):
+        raise
+    except Exception as err:  # httpx errors are not OSErrors
+        raise ValueError(f"cannot download ({type(err).__name__}: {err})") from err
+
+
+def load_rgb(item: Any) -> PIL.Image.Image:
+    """Any supported input -> 8-bit RGB PIL image at its own size; ValueError naming the input otherwise."""
+    where = _describe(item)
+    try:
+        if isinstance(item, str) and item.startswith(("http://", "https://")):
+            item = _download(item)
+        elif isinstance(item, (bytes, bytearray, memoryview)):
+            if len(item) == 0:
+                raise ValueError("empty bytes")
+            item = PIL.Image.open(io.BytesIO(bytes(item)))
+            item.load()
+        elif _is_tensor(item) and item.is_floating_point() and item.layout == torch.strided \
+                and item.device.type != "meta":  # meta/sparse tensors: to_rgb_pil says why they cannot be read
+            if not bool(torch.isfinite(item).all()):
+                raise ValueError("the tensor contains NaN or infinite values")
+        elif isinstance(item, np.ndarray) and item.dtype.kind == "f":
+            if not bool(np.isfinite(item).all()):
+                raise ValueError("the array contains NaN or infinite values")
+        return to_rgb_pil(item)
+    except FileNotFoundError:
+        raise ValueError(f"{where}: no such file") from None
+    except PIL.Image.DecompressionBombError as err:
+        raise ValueError(f"{where}: {err} (raise PIL.Image.MAX_IMAGE_PIXELS if you trust this file)") from err
+    except (PIL.UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"{where}: not a readable image ({err})") from err
+    except (ValueError, TypeError) as err:
+        message = str(err).removeprefix("images: ")  # to_rgb_pil's own prefix; `where` says more
+        raise ValueError(f"{where}: {message}") from err
+
+
 # save_pretrained copies this file next to the config and writes `auto_map`, so that
 # AutoImageProcessor.from_pretrained(dir, trust_remote_code=True) finds the class without cnc_hf.
 CNCImageProcessor.register_for_auto_class("AutoImageProcessor")
 
-__all__ = ["CNCImageProcessor", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "to_rgb_pil"]
+__all__ = ["CNCImageProcessor", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "load_rgb", "to_rgb_pil"]

@@ -37,10 +37,7 @@ batches the model forward. Anything unusable raises a ValueError that names the 
 
 from __future__ import annotations
 
-import io
 import math
-import os
-from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -48,10 +45,10 @@ import torch
 from transformers import Pipeline
 from transformers.utils import logging
 
-from .configuration_cnc import threshold_for
+from .configuration_cnc import check_threshold, threshold_for
 from .heatmap import HEATMAP_ALPHA, HEATMAP_MAX_SIDE, fit_within, jet_colormap
 from .heatmap import overlay_heatmap as _overlay
-from .image_processing_cnc import CNCImageProcessor, to_rgb_pil
+from .image_processing_cnc import CNCImageProcessor, _describe, load_rgb, to_rgb_pil  # noqa: F401  (re-exported)
 
 logger = logging.get_logger(__name__)
 
@@ -70,77 +67,7 @@ def overlay_heatmap(
     image; `anomaly_map` may be a numpy array or a tensor. See `heatmap.overlay_heatmap`."""
     if isinstance(anomaly_map, torch.Tensor):
         anomaly_map = anomaly_map.detach().to("cpu", torch.float32).numpy()
-    amap = np.asarray(anomaly_map, dtype=np.float32)
-    while amap.ndim > 2 and amap.shape[0] == 1:
-        amap = amap[0]
-    if amap.ndim != 2:
-        raise ValueError(f"anomaly_map: shape {tuple(amap.shape)}; expected (H, W)")
-    return _overlay(to_rgb_pil(image), amap, value_range, alpha, max_side)
-
-
-# --------------------------------------------------------------------------- input handling
-def _describe(item: Any) -> str:
-    """A short name for an input, for error messages."""
-    if isinstance(item, (str, os.PathLike)):
-        return f"image {os.fspath(item)!r}"
-    if isinstance(item, (bytes, bytearray, memoryview)):
-        return f"bytes input ({len(item)} bytes)"
-    if isinstance(item, (np.ndarray, torch.Tensor)):
-        kind = "numpy array" if isinstance(item, np.ndarray) else "torch tensor"
-        return f"{kind} of shape {tuple(item.shape)} and dtype {item.dtype}"
-    if isinstance(item, PIL.Image.Image):
-        return f"PIL image (mode {item.mode}, size {item.size})"
-    return f"input of type {type(item).__name__}"
-
-
-def _download(url: str) -> PIL.Image.Image:
-    """An http(s) image through transformers' loader; any network failure becomes a ValueError."""
-    from transformers.image_utils import load_image
-
-    try:
-        return load_image(url)
-    except (ValueError, OSError, PIL.UnidentifiedImageError):
-        raise
-    except Exception as err:  # httpx errors are not OSErrors
-        raise ValueError(f"cannot download ({type(err).__name__}: {err})") from err
-
-
-def load_rgb(item: Any) -> PIL.Image.Image:
-    """Any supported input -> 8-bit RGB PIL image at its own size; ValueError naming the input otherwise."""
-    where = _describe(item)
-    try:
-        if isinstance(item, str) and item.startswith(("http://", "https://")):
-            item = _download(item)
-        elif isinstance(item, (bytes, bytearray, memoryview)):
-            if len(item) == 0:
-                raise ValueError("empty bytes")
-            item = PIL.Image.open(io.BytesIO(bytes(item)))
-            item.load()
-        elif isinstance(item, torch.Tensor) and item.is_floating_point() and item.layout == torch.strided \
-                and item.device.type != "meta":  # meta/sparse tensors: to_rgb_pil says why they cannot be read
-            if not bool(torch.isfinite(item).all()):
-                raise ValueError("the tensor contains NaN or infinite values")
-        elif isinstance(item, np.ndarray) and item.dtype.kind == "f":
-            if not bool(np.isfinite(item).all()):
-                raise ValueError("the array contains NaN or infinite values")
-        return to_rgb_pil(item)
-    except FileNotFoundError:
-        raise ValueError(f"{where}: no such file") from None
-    except PIL.Image.DecompressionBombError as err:
-        raise ValueError(f"{where}: {err} (raise PIL.Image.MAX_IMAGE_PIXELS if you trust this file)") from err
-    except (PIL.UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"{where}: not a readable image ({err})") from err
-    except (ValueError, TypeError) as err:
-        message = str(err).removeprefix("images: ")  # to_rgb_pil's own prefix; `where` says more
-        raise ValueError(f"{where}: {message}") from err
-
-
-def _check_threshold(value: Any, name: str = "threshold") -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not math.isfinite(value):
-        raise ValueError(f"{name}: got {value!r}; expected a finite number (or None to use the model's)")
-    return float(value)
+    return _overlay(to_rgb_pil(image), anomaly_map, value_range, alpha, max_side)
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -189,7 +116,7 @@ class AnomalyMapPipeline(Pipeline):
             )
         postprocess = {}
         if threshold is not None:
-            postprocess["threshold"] = _check_threshold(threshold)
+            postprocess["threshold"] = check_threshold(threshold)
         if category is not None:
             self.decision_threshold(str(category))  # an unknown category fails here, before any image is read
             postprocess["category"] = str(category)
@@ -239,11 +166,8 @@ class AnomalyMapPipeline(Pipeline):
     def decision_threshold(self, category: str | None = None, threshold: float | None = None) -> tuple[float | None, str]:
         """(threshold, source) that decides for `category`: `threshold` if given ("call"), else the category's
         calibrated one ("category"), else the pooled one ("pooled"). ValueError for an unknown category."""
-        if threshold is not None:
-            return _check_threshold(threshold), "call"
         config = self.model.config
-        value, source = threshold_for(config.threshold, getattr(config, "category_thresholds", None), category)
-        return _check_threshold(value, "config.threshold"), source
+        return threshold_for(config.threshold, getattr(config, "category_thresholds", None), category, threshold)
 
     def _resolve_threshold(self, threshold: float | None, category: str | None = None) -> tuple[float | None, str]:
         threshold, source = self.decision_threshold(category, threshold)

@@ -282,14 +282,8 @@ def check_output_dir(args) -> None:
                 raise TrainingSetupError(f"--resume {args.resume}: not a loadable checkpoint: {err}") from err
         args.resume = str(target)
         return
-    if args.overwrite_output_dir and (out / "config.json").is_file():
-        try:
-            model_type = json.loads((out / "config.json").read_text()).get("model_type")
-        except (OSError, ValueError, AttributeError):
-            model_type = None
-        if model_type != "cnc":
-            raise TrainingSetupError(f"--overwrite_output_dir: {out / 'config.json'} is not a CNC model's config "
-                                     f"(model_type {model_type!r}); refusing to replace that folder's contents")
+    if args.overwrite_output_dir:
+        _check_replaceable(out)
     if out.is_dir() and any(out.iterdir()) and not args.overwrite_output_dir:
         held = ", ".join(sorted(p.name for p in out.iterdir())[:6])
         raise TrainingSetupError(
@@ -509,18 +503,27 @@ RUN_OUTPUTS = ("checkpoints", "runs", "heatmaps", "evaluation", "train_log.jsonl
                "model-*.safetensors", "model.safetensors.index.json", ".cnc-saving")
 
 
+def _check_replaceable(output_dir: Path) -> None:
+    """--overwrite_output_dir replaces a CNC run only: a config.json of anything else is not ours to delete."""
+    config = output_dir / "config.json"
+    if not config.is_file():
+        return
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if model_type != "cnc":
+        raise TrainingSetupError(f"--overwrite_output_dir: {config} is not a CNC model's config (model_type "
+                                 f"{model_type!r}); refusing to replace that folder's contents, choose another "
+                                 "--output_dir")
+
+
 def remove_previous_run(output_dir: Path) -> None:
     import cnc_hf.modeling
 
+    _check_replaceable(output_dir)
     config = output_dir / "config.json"
-    try:
-        is_cnc = json.loads(config.read_text()).get("model_type") == "cnc"
-    except (OSError, ValueError, AttributeError):
-        is_cnc = False
-    if config.exists() and not is_cnc:
-        raise TrainingSetupError(f"--overwrite_output_dir: {config} is not a CNC model's config; refusing to replace "
-                                 "that folder's contents, choose another --output_dir")
-    if is_cnc:  # config.json first: from then on the folder holds no loadable model, whatever a kill leaves
+    if config.is_file():  # config.json first: from then on the folder holds no loadable model, whatever a kill leaves
         config.unlink()
         (output_dir / "README.md").unlink(missing_ok=True)
     model_code = {p.name for p in Path(cnc_hf.modeling.__file__).parent.glob("*.py") if p.name != "__init__.py"}
