@@ -7,7 +7,7 @@
 
 writes `metrics.json` (pooled, per category and the paper's mean over categories) and `metrics.md`
 (the per-category table in the layout of the paper's Table 1: I-AUROC / P-AUROC / AUPRO / I-AP /
-P-AP / mTotal), and with `--heatmaps N` N heat-map PNGs (image | anomaly map overlay | ground truth).
+P-AP / mTotal), and with `--heatmaps N` N labelled heat-map PNGs (image | heat map | ground truth, captioned with category, score, threshold and decision).
 
 (The module is not called `evaluate.py`: it would shadow the `evaluate` package.)
 
@@ -16,16 +16,9 @@ Accelerate's `gather_for_metrics`, which drops the duplicates that pad the last 
 metrics see every test image exactly once. Categories travel through the gather as integer ids
 (strings cannot be gathered), named by `AnomalyMetricAccumulator(category_names=...)`.
 
-Decision threshold (`calibrate_threshold`): the CNC paper evaluates threshold-free metrics only,
-but a deployed detector needs a yes/no. Without test labels the one honest source is normal
-images the model has not trained on: the trainer holds out a fraction of the normal training
-images, scores them and takes a high quantile (0.99, linear interpolation) of their image scores.
-The quantile targets a ~1% false-alarm rate on normal images; unlike the maximum it is not set by
-a single odd image once there are more than a handful of held-out images (with few it is close to
-the maximum). The same quantile is also taken per category (`config.category_thresholds`): normal
-images of one product can score far above those of another, so a pooled threshold decides badly for
-some categories. The pipeline uses a category's own threshold when the caller names the category,
-the pooled one otherwise; `evaluate_model` reports the decisions both ways.
+Decision quality: where the model has calibrated thresholds, the decisions at them are reported per
+category with the category given and, for a model with category prototypes, recognised from the image
+(`cnc_hf.decisions`); thresholds and prototypes come from `cnc_hf.calibration`.
 """
 
 from __future__ import annotations
@@ -39,134 +32,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-DEFAULT_THRESHOLD_QUANTILE = 0.99
-THRESHOLD_METHOD = "quantile of the image scores of held-out normal training images (linear interpolation)"
-
-
-# ----------------------------------------------------------------------------- the scoring loop
-def _score_batches(model, processor, dataset_split, batch_size: int, accelerator=None, num_workers: int = 0,
-                   progress: bool = True, desc: str = "eval"):
-    """Yield (batch, anomaly_map, image_score) for every batch of this process's shard.
-
-    With an `accelerator` the loader is sharded over the processes (padded to even batches; the
-    caller gathers with `gather_for_metrics`). The model runs in eval mode, without autocast, so that
-    scores are the same whatever mixed precision training used.
-    """
-    from tqdm.auto import tqdm
-
-    from cnc_hf.data import make_collate_fn
-
-    if accelerator is not None:
-        model = accelerator.unwrap_model(model)
-    was_training = model.training
-    model.eval()
-    device = accelerator.device if accelerator is not None else next(model.parameters()).device
-    loader = DataLoader(dataset_split, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=make_collate_fn(processor))
-    if accelerator is not None:
-        # prepare_data_loader, not prepare: the loader must not join the accelerator's checkpointed state.
-        from accelerate.data_loader import prepare_data_loader
-
-        loader = prepare_data_loader(loader, device, num_processes=accelerator.num_processes,
-                                     process_index=accelerator.process_index, put_on_device=True)
-    main = accelerator is None or accelerator.is_local_main_process
-    try:
-        with torch.no_grad():
-            for batch in tqdm(loader, desc=desc, disable=not (progress and main), leave=False):
-                output = model(pixel_values=batch["pixel_values"].to(device))
-                yield batch, output.anomaly_map.float(), output.image_score.float()
-    finally:
-        model.train(was_training)
-
-
-def _gather(accelerator, tensors):
-    return tensors if accelerator is None else accelerator.gather_for_metrics(tensors)
-
-
-def predict_image_scores(model, processor, dataset_split, batch_size: int = 8, accelerator=None,
-                         num_workers: int = 0, progress: bool = True) -> tuple[np.ndarray, list[str]]:
-    """Image scores of every image of `dataset_split` (gathered over processes) and their categories."""
-    names = sorted(set(dataset_split["category"]))
-    ids = {name: i for i, name in enumerate(names)}
-    scores, categories = [], []
-    for batch, _, score in _score_batches(model, processor, dataset_split, batch_size, accelerator, num_workers,
-                                           progress, desc="calibrate"):
-        cat = torch.tensor([ids[c] for c in batch["categories"]], device=score.device)
-        score, cat = _gather(accelerator, (score, cat))
-        scores.append(score.cpu().numpy())
-        categories += [names[i] for i in cat.tolist()]
-    return np.concatenate(scores).astype(np.float64), categories
-
-
-def calibrate_threshold(model, processor, normal_split, quantile: float = DEFAULT_THRESHOLD_QUANTILE,
-                        batch_size: int = 8, accelerator=None, num_workers: int = 0, progress: bool = True,
-                        return_details: bool = False) -> float | tuple[float, dict]:
-    """The decision threshold: the `quantile` (linear interpolation) of the image scores of
-    `normal_split`, normal images the model has not trained on (see the module docstring).
-
-    `quantile=1.0` is the maximum. With `return_details` also returns a dict for metrics.json
-    (method, quantile, image count, per-category quantiles and maxima).
-    """
-    if not 0.0 < quantile <= 1.0:
-        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
-    if len(normal_split) == 0:
-        raise ValueError("calibrate_threshold: the normal split is empty; hold out at least one normal image.")
-    if "label" in normal_split.column_names and any(int(v) != 0 for v in normal_split["label"]):
-        raise ValueError("calibrate_threshold: the calibration split must hold normal images only (label 0).")
-    scores, categories = predict_image_scores(model, processor, normal_split, batch_size, accelerator, num_workers,
-                                              progress)
-    threshold = float(np.quantile(scores, quantile, method="linear"))
-    if not return_details:
-        return threshold
-    per_category = {}
-    for name in sorted(set(categories)):
-        s = scores[np.asarray(categories) == name]
-        per_category[name] = {"num_images": int(s.size), "quantile": float(np.quantile(s, quantile)),
-                              "max": float(s.max())}
-    details = {"value": threshold, "method": THRESHOLD_METHOD, "quantile": quantile,
-               "num_calibration_images": int(scores.size), "calibration_score_max": float(scores.max()),
-               "per_category": per_category}
-    return threshold, details
-
-
-def threshold_decisions(scores: np.ndarray, labels: np.ndarray, threshold) -> dict:
-    """Image-level precision, recall, F1, accuracy and balanced accuracy of `score >= threshold` (the
-    pipeline's rule); `threshold` is one number or one per image (each image's category threshold)."""
-    pred, truth = scores >= threshold, labels.astype(bool)
-    tp, fp = int((pred & truth).sum()), int((pred & ~truth).sum())
-    fn, tn = int((~pred & truth).sum()), int((~pred & ~truth).sum())
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    specificity = tn / (tn + fp) if tn + fp else None
-    balanced = (recall + specificity) / 2 if tp + fn and specificity is not None else None
-    return {"precision": precision, "recall": recall, "f1": f1, "accuracy": (tp + tn) / max(1, tp + fp + fn + tn),
-            "balanced_accuracy": balanced, "false_positive_rate": fp / (fp + tn) if fp + tn else 0.0,
-            "num_images": tp + fp + fn + tn}
-
-
-def category_decisions(scores: np.ndarray, labels: np.ndarray, categories: list[str], config) -> dict:
-    """Decision quality at the calibrated thresholds, as the pipeline decides with `category=` given: per
-    category (its own threshold, else the pooled one), pooled over all images, and the mean over categories."""
-    from cnc_hf.modeling.configuration_cnc import threshold_for
-
-    categories = np.asarray(categories)
-    per_category, per_image = {}, np.empty(scores.shape, dtype=np.float64)
-    for name in sorted(set(categories.tolist())):
-        chosen = categories == name
-        value, source = threshold_for(config.threshold, getattr(config, "category_thresholds", None), name)
-        if value is None:
-            return {}
-        per_image[chosen] = value
-        per_category[name] = {"threshold": float(value), "threshold_source": source,
-                              **threshold_decisions(scores[chosen], labels[chosen], value)}
-    keys = ("balanced_accuracy", "precision", "recall", "f1")
-    mean = {key: float(np.mean([d[key] for d in per_category.values() if d[key] is not None]))
-            if any(d[key] is not None for d in per_category.values()) else None for key in keys}
-    return {"per_category": per_category, "mean": mean, "pooled": threshold_decisions(scores, labels, per_image)}
-
+# Re-exported: these lived here before calibration, scoring and decisions had modules of their own.
+from cnc_hf.calibration import DEFAULT_THRESHOLD_QUANTILE, THRESHOLD_METHOD, calibrate_threshold  # noqa: F401
+from cnc_hf.decisions import category_decisions, format_decisions_table, threshold_decisions
+from cnc_hf.scoring import gather, predict_image_scores, score_batches  # noqa: F401
 
 # ----------------------------------------------------------------------------- the evaluation loop
 def evaluate_model(model, processor, dataset_split, batch_size: int = 8, accelerator=None,
@@ -185,57 +55,72 @@ def evaluate_model(model, processor, dataset_split, batch_size: int = 8, acceler
     image has a mask, and the counts (`num_images_pixel`, `num_anomalous_with_mask`) say what they used.
 
     `heatmap_dir`: write up to `max_heatmaps` PNGs there (spread over the categories, anomalous
-    images first), each image | anomaly map over the image | ground truth.
+    images first), each a labelled row (cnc_hf.figures): image | heat map | ground truth + caption.
     """
     from cnc_hf.metrics import AnomalyMetricAccumulator
 
     names = sorted(set(dataset_split["category"]))
     ids = {name: i for i, name in enumerate(names)}
     accumulator = AnomalyMetricAccumulator(category_names=names)
-    unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
-    threshold = getattr(unwrapped.config, "threshold", None)
+    config = (accelerator.unwrap_model(model) if accelerator is not None else model).config
     wanted = _heatmap_paths(dataset_split, max_heatmaps) if heatmap_dir is not None else set()
     if wanted:
         Path(heatmap_dir).mkdir(parents=True, exist_ok=True)
     main = accelerator is None or accelerator.is_main_process
-    all_scores, all_labels, all_categories = [], [], []
+    kept: dict[str, list] = {"scores": [], "labels": [], "categories": [], "similarities": []}
 
-    for batch, maps, scores in _score_batches(model, processor, dataset_split, batch_size, accelerator, num_workers,
-                                              progress, desc="evaluate"):
+    for batch, maps, scores, similarity in score_batches(model, processor, dataset_split, batch_size, accelerator,
+                                                         num_workers, progress, desc="evaluate"):
         for i, path in enumerate(batch["paths"]):  # each process draws the images of its own shard
             if path in wanted:
-                known = bool(batch["has_mask"][i]) or int(batch["labels"][i]) == 0
-                _write_heatmap(Path(heatmap_dir), path, batch["categories"][i], batch["pixel_values"][i], maps[i],
-                               batch["masks"][i] if known else None, processor, threshold)
+                _write_heatmap(Path(heatmap_dir), batch, i, maps[i], float(scores[i]),
+                               None if similarity is None else similarity[i].tolist(), processor, config)
         device = scores.device
         labels = batch["labels"].to(device)
         masks = batch["masks"].to(device=device, dtype=torch.uint8)  # gloo gathers no bool
         has_mask = batch["has_mask"].to(device=device, dtype=torch.uint8)
         cats = torch.tensor([ids[c] for c in batch["categories"]], device=device)
-        scores, labels, maps, masks, cats, has_mask = _gather(accelerator, (scores, labels, maps, masks, cats, has_mask))
+        gathered = gather(accelerator, (scores, labels, maps, masks, cats, has_mask)
+                          + (() if similarity is None else (similarity,)))
+        scores, labels, maps, masks, cats, has_mask = gathered[:6]
         if main:  # the gathered maps of a whole test set are large: one process keeps them
             accumulator.update(scores, labels, maps.cpu(), masks.cpu().bool(), categories=cats,
                                has_mask=has_mask.cpu().bool())
-            all_scores.append(scores.cpu().double().numpy())
-            all_labels.append(labels.cpu().numpy())
-            all_categories.extend(names[int(c)] for c in cats.cpu())
+            kept["scores"].append(scores.cpu().double().numpy())
+            kept["labels"].append(labels.cpu().numpy())
+            kept["categories"].extend(names[int(c)] for c in cats.cpu())
+            if similarity is not None:
+                kept["similarities"].append(gathered[6].cpu().double().numpy())
 
     results = None
     if main:
         results = accumulator.compute()
-        scores, labels = np.concatenate(all_scores), np.concatenate(all_labels)
-        results["num_images"] = int(scores.size)
+        results["num_images"] = len(kept["categories"])
         results["world_size"] = 1 if accelerator is None else int(accelerator.num_processes)
-        if threshold is not None:
-            results["threshold"] = {"value": float(threshold), **threshold_decisions(scores, labels, float(threshold))}
-            decisions = category_decisions(scores, labels, all_categories, unwrapped.config)
-            if decisions:
-                results["decisions"] = decisions
+        results.update(_decision_results(kept, config))
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
         results = broadcast_object_list([results])[0]  # the same dict on every process
     return results
+
+
+def _decision_results(kept: dict, config) -> dict:
+    """metrics.json entries on the yes/no at the calibrated thresholds: pooled threshold, category given,
+    category recognised (for a model with prototypes); none for a model without a threshold."""
+    if getattr(config, "threshold", None) is None:
+        return {}
+    scores, labels = np.concatenate(kept["scores"]), np.concatenate(kept["labels"])
+    out = {"threshold": {"value": float(config.threshold), **threshold_decisions(scores, labels, float(config.threshold))}}
+    given = category_decisions(scores, labels, kept["categories"], config)
+    if given:
+        out["decisions"] = given
+    if kept["similarities"]:
+        recognised = category_decisions(scores, labels, kept["categories"], config,
+                                        similarities=np.concatenate(kept["similarities"]))
+        if recognised:
+            out["decisions_recognised"] = recognised
+    return out
 
 
 def _heatmap_paths(dataset_split, limit: int) -> set[str]:
@@ -254,29 +139,34 @@ def _heatmap_paths(dataset_split, limit: int) -> set[str]:
     return set(chosen)
 
 
-def _write_heatmap(out_dir: Path, path: str, category: str, pixel_values: torch.Tensor, anomaly_map: torch.Tensor,
-                   mask: torch.Tensor | None, processor, threshold: float | None) -> None:
-    """image | map over image | ground truth, side by side, at the model's resolution. Coloured as the
-    pipeline does (`overlay_heatmap`): 0 to 2x the threshold when one is known, else per image. A defect
-    image without a mask (`mask` None) gets a gray third panel: unknown, not "no defect"."""
+def _write_heatmap(out_dir: Path, batch: dict, i: int, anomaly_map: torch.Tensor, score: float,
+                   similarity: list | None, processor, config) -> None:
+    """One labelled row (`cnc_hf.figures`): image | heat map | ground truth at the model's resolution, the
+    caption giving the category (recognised from the image when the model can, as the pipeline does), the
+    score, the threshold and the decision against the truth. Coloured as the pipeline does: 0 to 2x the
+    threshold when one is known, else per image. A defect image without a mask gets a gray "no mask" tile."""
     import PIL.Image
 
-    from cnc_hf.modeling.pipeline_cnc import overlay_heatmap
+    from cnc_hf.figures import Example, render_examples
+    from cnc_hf.modeling.decision import decide
+    from cnc_hf.modeling.heatmap import overlay_heatmap
 
     mean = np.asarray(processor.image_mean, dtype=np.float32)[:, None, None]
     std = np.asarray(processor.image_std, dtype=np.float32)[:, None, None]
-    pixels = np.clip((pixel_values.float().cpu().numpy() * std + mean).transpose(1, 2, 0), 0, 1)
+    pixels = np.clip((batch["pixel_values"][i].float().cpu().numpy() * std + mean).transpose(1, 2, 0), 0, 1)
     image = PIL.Image.fromarray((pixels * 255).round().astype(np.uint8), "RGB")
-    value_range = (0.0, 2.0 * threshold) if threshold else None
-    overlay = overlay_heatmap(image, anomaly_map.float().cpu(), value_range)
-    if mask is None:
-        truth = PIL.Image.new("RGB", image.size, (128, 128, 128))
-    else:
-        truth = PIL.Image.fromarray((mask.float().cpu().numpy() * 255).astype(np.uint8), "L").convert("RGB")
-    panel = PIL.Image.new("RGB", (3 * image.width, image.height))
-    for i, part in enumerate((image, overlay, truth)):
-        panel.paste(part, (i * image.width, 0))
-    source = Path(path)
+    category, label = batch["categories"][i], int(batch["labels"][i])
+    decision = decide(score, config, category=None if similarity else category, similarity=similarity)
+    threshold = decision["threshold"]
+    overlay = overlay_heatmap(image, anomaly_map.float().cpu().numpy(), (0.0, 2.0 * threshold) if threshold else None)
+    truth = None
+    if bool(batch["has_mask"][i]) or label == 0:
+        truth = PIL.Image.fromarray((batch["masks"][i].float().cpu().numpy() * 255).astype(np.uint8), "L")
+    source = Path(batch["paths"][i])
+    example = Example(image=image, overlay=overlay, score=score, label=label, truth=truth,
+                      name=f"{source.parent.name}/{source.name}",
+                      **{k: decision[k] for k in ("threshold", "threshold_source", "is_anomaly", "category")})
+    panel = render_examples([example], tile=max(160, image.width))
     target = out_dir / f"{category}_{source.parent.name}_{source.stem}.png"  # e.g. bottle_broken_large_000.png
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     panel.save(tmp, format="PNG")
@@ -296,24 +186,10 @@ def write_metrics(metrics: dict, output_dir: str | os.PathLike, extra: dict | No
     text = format_metrics_table(metrics)
     if metrics.get("decisions"):
         text += "\n\n" + format_decisions_table(metrics["decisions"])
+    if metrics.get("decisions_recognised"):
+        text += "\n\n" + format_decisions_table(metrics["decisions_recognised"], recognised=True)
     md_path.write_text(text + "\n")
     return json_path, md_path
-
-
-def format_decisions_table(decisions: dict) -> str:
-    """The yes/no decisions at the calibrated thresholds, per category and their mean (percent)."""
-    def pct(value):
-        return "-" if value is None else f"{100 * value:.1f}"
-
-    lines = ["Decisions at the calibrated thresholds (the pipeline with `category=` given; percent):", "",
-             "| Category | threshold | balanced acc. | precision | recall | F1 |", "|---|---|---|---|---|---|"]
-    for name, row in decisions["per_category"].items():
-        lines.append(f"| {name} | {row['threshold']:.4g} ({row['threshold_source']}) | {pct(row['balanced_accuracy'])} "
-                     f"| {pct(row['precision'])} | {pct(row['recall'])} | {pct(row['f1'])} |")
-    mean = decisions["mean"]
-    lines.append(f"| **Mean** | | {pct(mean['balanced_accuracy'])} | {pct(mean['precision'])} | {pct(mean['recall'])} "
-                 f"| {pct(mean['f1'])} |")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- command line

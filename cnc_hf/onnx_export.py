@@ -25,6 +25,7 @@ import torch
 METADATA_KEY = "cnc_hf"
 INPUT_NAME = "pixel_values"
 OUTPUT_NAMES = ("anomaly_map", "image_score")
+CATEGORY_OUTPUT = "category_similarity"
 DEFAULT_OPSET = 17
 
 
@@ -51,7 +52,9 @@ class _Exportable(torch.nn.Module):
 
     def forward(self, pixel_values):
         output = self.model(pixel_values=pixel_values)
-        return output.anomaly_map, output.image_score
+        if output.category_similarity is None:
+            return output.anomaly_map, output.image_score
+        return output.anomaly_map, output.image_score, output.category_similarity
 
 
 def export_onnx(model, output: str | Path, processor=None, opset: int = DEFAULT_OPSET,
@@ -73,7 +76,9 @@ def export_onnx(model, output: str | Path, processor=None, opset: int = DEFAULT_
     if model.prompt_learner is not None:  # the traced forward reads the constant, never the text tower
         model.text_features = lambda: wrapper.text_features
     dummy = torch.zeros(2, 3, size, size)
-    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAMES[0]: {0: "batch"}, OUTPUT_NAMES[1]: {0: "batch"}}
+    # A model with category prototypes also returns each image's similarity to them (category recognition).
+    names = list(OUTPUT_NAMES) + ([CATEGORY_OUTPUT] if getattr(model, "category_prototypes", None) is not None else [])
+    axes = {name: {0: "batch"} for name in [INPUT_NAME, *names]}
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
     try:
@@ -83,7 +88,7 @@ def export_onnx(model, output: str | Path, processor=None, opset: int = DEFAULT_
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.filterwarnings("ignore", message=".*shape_type_inference.*")
             warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")  # a slice ORT still runs
-            torch.onnx.export(wrapper, (dummy,), str(tmp), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+            torch.onnx.export(wrapper, (dummy,), str(tmp), input_names=[INPUT_NAME], output_names=names,
                               dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
     finally:
         if model.prompt_learner is not None:

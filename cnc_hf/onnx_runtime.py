@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -55,7 +56,12 @@ class OnnxAnomalyDetector:
         self.image_size = int(self.metadata["image_size"])
         self.processor = CNCImageProcessor(**self.metadata["processor"])
         self.threshold = self.metadata.get("threshold") if threshold is None else float(threshold)
-        self.category_thresholds = self.metadata.get("config", {}).get("category_thresholds")
+        config = self.metadata.get("config", {})
+        self.category_thresholds = config.get("category_thresholds")
+        # What modeling.decision.decide reads, as the pipeline reads it from the model's config.
+        self.config = SimpleNamespace(threshold=self.threshold, category_thresholds=self.category_thresholds,
+                                      categories=config.get("categories"),
+                                      category_distance_limits=config.get("category_distance_limits"))
 
     def decision_threshold(self, category: str | None = None, threshold: float | None = None):
         """(threshold, source) that decides for `category`, as `AnomalyMapPipeline.decision_threshold`."""
@@ -63,8 +69,9 @@ class OnnxAnomalyDetector:
 
         return threshold_for(self.threshold, self.category_thresholds, category, threshold)
 
-    def run(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The raw graph: (B, 3, S, S) float32 -> (anomaly_map (B, S, S), image_score (B,))."""
+    def run(self, pixel_values: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The raw graph: (B, 3, S, S) float32 -> (anomaly_map (B, S, S), image_score (B,)[, category_similarity
+        (B, K) for a model with category prototypes])."""
         pixel_values = np.asarray(pixel_values)
         expected = (3, self.image_size, self.image_size)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
@@ -72,8 +79,7 @@ class OnnxAnomalyDetector:
                              f"{expected[1]}, {expected[2]}) as CNCImageProcessor(size={self.image_size}) makes it")
         if pixel_values.dtype != np.float32:
             raise ValueError(f"pixel_values: dtype {pixel_values.dtype}; expected float32")
-        anomaly_map, image_score = self.session.run(None, {"pixel_values": pixel_values})
-        return anomaly_map, image_score
+        return tuple(self.session.run(None, {"pixel_values": pixel_values}))
 
     def __call__(self, images: Any, batch_size: int = 8, threshold: float | None = None,
                  return_heatmap: bool = True, category: str | None = None):
@@ -83,26 +89,27 @@ class OnnxAnomalyDetector:
 
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
-        threshold, source = self.decision_threshold(category, threshold)
+        from cnc_hf.modeling.decision import decide
+
+        if category is not None:
+            self.decision_threshold(category, threshold)  # an unknown category fails before any image is read
         results = []
         for start in range(0, len(items), max(1, int(batch_size))):
             rgbs = [load_rgb(item) for item in items[start:start + batch_size]]
             pixel_values = self.processor(rgbs, return_tensors="np")["pixel_values"]
-            maps, scores = self.run(pixel_values)
-            for rgb, small, score in zip(rgbs, maps, scores):
-                heatmap = None
+            maps, scores, *similarities = self.run(pixel_values)
+            for k, (rgb, small, score) in enumerate(zip(rgbs, maps, scores)):
+                decision = decide(float(score), self.config, category,
+                                  similarities[0][k] if similarities else None, threshold)
+                heatmap, value = None, decision["threshold"]
                 if return_heatmap:  # coloured from the model-resolution map, as the pipeline does
-                    value_range = (0.0, 2.0 * threshold) if threshold is not None and threshold > 0 else None
-                    heatmap = overlay_heatmap(rgb, small, value_range)
+                    heatmap = overlay_heatmap(rgb, small, (0.0, 2.0 * value) if value is not None and value > 0 else None)
                 results.append({
                     "score": float(score),
-                    "is_anomaly": None if threshold is None else bool(score >= threshold),
+                    "is_anomaly": decision.pop("is_anomaly"),
                     "anomaly_map": self.processor.postprocess_anomaly_map(small, (rgb.height, rgb.width)),
                     "heatmap": heatmap,
-                    "category": category,
-                    "threshold": threshold,
-                    "threshold_source": source if threshold is not None else None,
-                    "normalized_score": float(score) / threshold if threshold is not None and threshold > 0 else None,
+                    **decision,
                 })
         return results[0] if single else results
 

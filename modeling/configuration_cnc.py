@@ -89,7 +89,13 @@ class CNCConfig(PretrainedConfig):
             is named (and for a category without a threshold of its own).
         category_thresholds (`dict[str, float]`, *optional*): one calibrated threshold per training
             category (scores of normal images differ by category, so one pooled value decides badly
-            for some); used by the pipeline when the caller names the category.
+            for some); used by the pipeline for the category named by the caller or recognised.
+        categories (`list[str]`, *optional*): the training categories, in the order of the rows of the
+            `category_prototypes` weight (modeling/category.py); the model then recognises an image's
+            category from its frozen CLIP features when the caller does not name it.
+        category_distance_limits (`dict[str, float]`, *optional*): per category, the largest cosine
+            distance to its prototype at which an image still counts as that category; farther from
+            every prototype, an image is "unrecognised" (category None) instead of forced into one.
         use_mlf / use_cnc / use_moe (`bool`, default True): the components of Table 2.
             Without MLF the decoder is fed the deepest tapped feature alone; without CNC there
             is no prompt learning, no normality promotion (f* = f) and no L_constraint; without
@@ -128,6 +134,8 @@ class CNCConfig(PretrainedConfig):
         image_size: int = 224,
         threshold: float | None = None,
         category_thresholds: dict[str, float] | None = None,
+        categories: list[str] | None = None,
+        category_distance_limits: dict[str, float] | None = None,
         use_mlf: bool = True,
         use_cnc: bool = True,
         use_moe: bool = True,
@@ -167,6 +175,8 @@ class CNCConfig(PretrainedConfig):
         self.image_size = image_size
         self.threshold = threshold
         self.category_thresholds = dict(category_thresholds) if category_thresholds else None
+        self.categories = [str(name) for name in categories] if categories else None
+        self.category_distance_limits = dict(category_distance_limits) if category_distance_limits else None
         self.use_mlf = use_mlf
         self.use_cnc = use_cnc
         self.use_moe = use_moe
@@ -224,6 +234,11 @@ class CNCConfig(PretrainedConfig):
         for name, value in (self.category_thresholds or {}).items():
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ValueError(f"category_thresholds[{name!r}]={value!r}: expected a finite number.")
+        if self.categories is not None and len(set(self.categories)) != len(self.categories):
+            raise ValueError(f"categories={self.categories!r}: names must be unique.")
+        for name, value in (self.category_distance_limits or {}).items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 2:
+                raise ValueError(f"category_distance_limits[{name!r}]={value!r}: expected a cosine distance in [0, 2].")
         if self.moe_importance_loss not in IMPORTANCE_LOSS_FORMS:
             raise ValueError(f"moe_importance_loss={self.moe_importance_loss!r}: expected one of {IMPORTANCE_LOSS_FORMS}.")
         if self.expert_mlp_ratio <= 0 or self.decoder_mlp_ratio <= 0:

@@ -19,6 +19,7 @@ from transformers import CLIPModel, PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
 from .anomaly_map import anomaly_map, gaussian_blur, image_score
+from .category import embed as category_embedding, similarities as prototype_similarities
 from .configuration_cnc import CNCConfig
 from .decoder import CNCDecoder
 from .fusion import MultiLayerFusion
@@ -45,6 +46,8 @@ class CNCOutput(ModelOutput):
         loss_c1, loss_c2: Eq. (4) and Eq. (10), reported for logging (L_c2 is computed every epoch).
         anomaly_map: (B, H, W) at the input resolution, Eq. (17).
         image_score: (B,), the map reduced per `config.image_score_reduction` (max by default).
+        category_similarity: (B, K), cosine similarity of each image to each of the K training
+            categories' prototypes (`config.categories` order); None when the model has none.
     """
 
     loss: torch.FloatTensor | None = None
@@ -55,6 +58,7 @@ class CNCOutput(ModelOutput):
     loss_c2: torch.FloatTensor | None = None
     anomaly_map: torch.FloatTensor | None = None
     image_score: torch.FloatTensor | None = None
+    category_similarity: torch.FloatTensor | None = None
 
 
 class CNCPreTrainedModel(PreTrainedModel):
@@ -102,6 +106,10 @@ class CNCModel(CNCPreTrainedModel):
         heads = config.decoder_num_heads or config.clip_config.vision_config.num_attention_heads
         self.decoder = CNCDecoder(n, width, heads, config.decoder_mlp_ratio)
         self._text_cache: tuple | None = None
+        if config.categories:  # rows filled by set_category_prototypes (training) or from the weights file
+            self.register_buffer(
+                "category_prototypes", torch.zeros(len(config.categories), n * width), persistent=True
+            )
         self.post_init()
         self.freeze_clip()
 
@@ -276,6 +284,25 @@ class CNCModel(CNCPreTrainedModel):
         with torch.autocast(device_type=self.prompt_learner.context.device.type, enabled=False):
             return self.prompt_learner(self.clip.text_model, self.clip.text_projection)
 
+    # ------------------------------------------------------------------ categories
+    def set_category_prototypes(self, names: list[str], prototypes: torch.Tensor, distance_limits: dict) -> None:
+        """Store what recognises the training categories (modeling/category.py): `prototypes` (K, n*C)
+        become the `category_prototypes` weight, `names` and `distance_limits` go into the config."""
+        expected = (len(names), len(self.config.feature_layers) * self.config.vision_hidden_size)
+        if tuple(prototypes.shape) != expected:
+            raise ValueError(f"category prototypes: shape {tuple(prototypes.shape)}; expected {expected}")
+        self.register_buffer("category_prototypes", prototypes.detach().to(self.device, torch.float32).clone(),
+                             persistent=True)
+        self.config.categories = list(names)
+        self.config.category_distance_limits = dict(distance_limits)
+
+    def category_similarity(self, tapped_features: torch.Tensor) -> torch.Tensor | None:
+        """(B, K) similarity of each image to each category prototype, from the features the map uses."""
+        prototypes = getattr(self, "category_prototypes", None)
+        if prototypes is None or prototypes.numel() == 0:
+            return None
+        return prototype_similarities(category_embedding(tapped_features), prototypes)
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -360,7 +387,8 @@ class CNCModel(CNCPreTrainedModel):
         else:
             maps = anomaly_map(f_star, f_hat_star, grid, output_size)
             maps = gaussian_blur(maps, self.config.map_smoothing_sigma)
-            output = CNCOutput(anomaly_map=maps, image_score=image_score(maps, self.config.image_score_reduction))
+            output = CNCOutput(anomaly_map=maps, image_score=image_score(maps, self.config.image_score_reduction),
+                               category_similarity=self.category_similarity(tapped_features))
         return output if return_dict else output.to_tuple()
 
 

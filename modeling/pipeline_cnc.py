@@ -13,14 +13,19 @@ Output per image (a list of these for a list input):
 - `score` (float): the model's image score (the maximum of the anomaly map, Eq. 17, at the model
   resolution; `config.image_score_reduction`).
 - `is_anomaly` (bool or None): `score >= threshold`. The threshold is, in this order: `threshold=`
-  passed to the call; with `category="name"`, that category's own calibrated threshold
-  (`config.category_thresholds`; an unknown name is a ValueError listing the known ones); else the
-  pooled `config.threshold` (calibrated on held-out normal images by the trainer). When none
+  passed to the call; the category's own calibrated threshold (`config.category_thresholds`); else
+  the pooled `config.threshold` (calibrated on held-out normal images by the trainer). When none
   exists it is None and a warning says so once: we never invent a threshold.
-- `category` (str or None): the category given by the caller.
+- `category` (str or None): the caller's `category=` (an unknown name is a ValueError listing the
+  known ones); else the training category the model recognises from the image (the nearest
+  prototype of its frozen CLIP features, `modeling/category.py`; no second forward); None when the
+  image is farther than every category's distance limit (a warning says so; the pooled threshold
+  decides) or the model has no prototypes.
+- `category_source` ("given", "recognised", "unrecognised" or None), `category_distance` (cosine
+  distance to the nearest prototype, when recognition ran) and `nearest_category`.
 - `threshold` (float or None) and `threshold_source` ("call", "category" or "pooled"): what decided.
 - `normalized_score` (float or None): score / threshold, so 1.0 is the decision boundary of every
-  category (None without a positive threshold).
+  category (None without a positive threshold): one number to compare or rank across products.
 - `anomaly_map` (float32 numpy, height x width of the ORIGINAL image): the map resized back
   bilinearly. This is the only full-size float array the pipeline creates.
 - `heatmap` (RGB PIL image): the map as a jet colour map blended at alpha 0.5 over the input,
@@ -46,6 +51,7 @@ from transformers import Pipeline
 from transformers.utils import logging
 
 from .configuration_cnc import check_threshold, threshold_for
+from .decision import decide
 from .heatmap import HEATMAP_ALPHA, HEATMAP_MAX_SIDE, fit_within, jet_colormap
 from .heatmap import overlay_heatmap as _overlay
 from .image_processing_cnc import CNCImageProcessor, _describe, load_rgb, to_rgb_pil  # noqa: F401  (re-exported)
@@ -159,6 +165,7 @@ class AnomalyMapPipeline(Pipeline):
         return {
             "anomaly_map": outputs.anomaly_map,  # first key: the batch size is read from it
             "image_score": outputs.image_score,
+            "category_similarity": outputs.category_similarity,
             "original_size": model_inputs["original_size"],
             "image": model_inputs["image"],
         }
@@ -169,21 +176,31 @@ class AnomalyMapPipeline(Pipeline):
         config = self.model.config
         return threshold_for(config.threshold, getattr(config, "category_thresholds", None), category, threshold)
 
-    def _resolve_threshold(self, threshold: float | None, category: str | None = None) -> tuple[float | None, str]:
-        threshold, source = self.decision_threshold(category, threshold)
-        if threshold is None and not self._warned_no_threshold:
+    def _warn_no_threshold(self) -> None:
+        if not self._warned_no_threshold:
             self._warned_no_threshold = True
             logger.warning(
                 "AnomalyMapPipeline: the model has no calibrated threshold (config.threshold is None) and none was "
                 "passed, so is_anomaly is None. Pass threshold=... or use a model trained with cnc-hf's trainer."
             )
-        return threshold, source
 
     def postprocess(self, model_outputs, threshold=None, heatmap_range=None, return_heatmap=True, category=None):
-        threshold, source = self._resolve_threshold(threshold, category)
         height, width = (int(v) for v in model_outputs["original_size"].reshape(-1)[:2])
         small_map = model_outputs["anomaly_map"].reshape(model_outputs["anomaly_map"].shape[-2:]).float()
         score = float(model_outputs["image_score"].reshape(-1)[0])
+        similarity = model_outputs.get("category_similarity")
+        similarity = None if similarity is None else similarity.reshape(-1).float().tolist()
+        decision = decide(score, self.model.config, category, similarity, threshold)
+        if decision["category_source"] == "unrecognised":
+            logger.warning(
+                "AnomalyMapPipeline: the image is unlike every training category (cosine distance "
+                f"{decision['category_distance']:.4f} to the nearest, {decision['nearest_category']!r}, beyond its limit "
+                f"{self.model.config.category_distance_limits[decision['nearest_category']]:.4f}); category None, "
+                "pooled threshold. Pass category=... if you know it."
+            )
+        threshold = decision["threshold"]
+        if threshold is None:
+            self._warn_no_threshold()
         heatmap = None
         if return_heatmap:
             if heatmap_range is None and threshold is not None and threshold > 0:
@@ -192,13 +209,10 @@ class AnomalyMapPipeline(Pipeline):
             heatmap = overlay_heatmap(model_outputs["image"], small_map, heatmap_range)
         return {
             "score": score,
-            "is_anomaly": None if threshold is None else bool(score >= threshold),
+            "is_anomaly": decision.pop("is_anomaly"),
             "anomaly_map": self.image_processor.postprocess_anomaly_map(small_map, (height, width)),
             "heatmap": heatmap,
-            "category": category,
-            "threshold": threshold,
-            "threshold_source": source if threshold is not None else None,
-            "normalized_score": score / threshold if threshold is not None and threshold > 0 else None,
+            **decision,
         }
 
 

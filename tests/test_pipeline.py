@@ -75,7 +75,7 @@ def test_pipeline_by_task_name_uses_installed_code_and_returns_everything(pipe, 
     image = random_image(45, 70)
     result = pipe(image)
     assert set(result) == {"score", "is_anomaly", "anomaly_map", "heatmap", "category", "threshold", "threshold_source",
-                           "normalized_score"}
+                           "normalized_score", "category_source", "category_distance", "nearest_category"}
     assert isinstance(result["score"], float) and isinstance(result["is_anomaly"], bool)
     assert result["anomaly_map"].shape == (45, 70) and result["anomaly_map"].dtype == np.float32
     assert isinstance(result["heatmap"], PIL.Image.Image) and result["heatmap"].size == (70, 45)

@@ -654,6 +654,7 @@ def main(argv=None) -> dict:
     from tqdm.auto import tqdm
 
     from cnc_hf.data import make_collate_fn
+    from cnc_hf.calibration import fit_category_prototypes
     from cnc_hf.evaluation import calibrate_threshold, evaluate_model, write_metrics
     from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
     from cnc_hf_train.checkpointing import (load_checkpoint, read_checkpoint_meta, register_trainable_only_hooks,
@@ -819,6 +820,11 @@ def main(argv=None) -> dict:
     else:
         accelerator.print("no calibration images (--calibration_fraction 0 or single-image categories): "
                           "config.threshold stays unset")
+    # Category prototypes from every normal training image (the frozen encoder only), so that the pipeline
+    # recognises an image's category, and with it the threshold, when the caller does not name it.
+    category_details = fit_category_prototypes(unwrapped, processor, [train_split, calibration_split],
+                                               batch_size=args.eval_batch_size, accelerator=accelerator,
+                                               num_workers=args.num_workers, progress=show)
     if main_process:
         save_model_dir(unwrapped, processor, output_dir)
     accelerator.wait_for_everyone()
@@ -830,6 +836,7 @@ def main(argv=None) -> dict:
                                  max_heatmaps=args.heatmaps, num_workers=args.num_workers)
     summary = {
         "threshold": threshold_details or {"value": None, "method": "not calibrated"},
+        "category_recognition": category_details,
         "training": {"world_size": world, "epochs": args.epochs, "trained_epochs": len(epoch_seconds),
                      "resumed_from": args.resume, "cache_features": cache is not None,
                      "cache_build_seconds": cache.build_seconds if cache is not None else None,
