@@ -13,8 +13,10 @@ share a file name (every MVTec defect folder has a 000.png) never overwrite each
 
 Results are written as they come, one batch at a time (memory does not grow with the number of
 images): `predictions.jsonl` and `predictions.csv` line by line, then `predictions.json` (the same
-records as one list) at the end. Each record: image, score, is_anomaly, category (--category), the
-threshold that decided, normalized_score (score / threshold: 1.0 is the boundary), heatmap, map.
+records as one list) at the end. Each record: image, score, is_anomaly, category (--category, else the
+one the model recognises from the image; empty when it recognises none), category_source (given,
+recognised, unrecognised), the threshold that decided and its source (call, category, pooled),
+normalized_score (score / threshold: 1.0 is the boundary), heatmap, map.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 GLOB_CHARS = set("*?[")
-RECORD_FIELDS = ("image", "score", "is_anomaly", "category", "threshold", "normalized_score", "heatmap", "map")
+RECORD_FIELDS = ("image", "score", "is_anomaly", "category", "category_source", "threshold", "threshold_source",
+                 "normalized_score", "heatmap", "map")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decision threshold on the image score (default: the model's calibrated one)")
     parser.add_argument("--category", default=None,
                         help="the product category of the images: decide at that category's calibrated threshold "
-                             "(default: the pooled one)")
+                             "(default: the category the model recognises in each image, or the pooled threshold "
+                             "for an image it recognises as none of its categories)")
     parser.add_argument("--batch_size", type=int, default=8, help="images per forward pass (default: %(default)s)")
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: cpu)")
     parser.add_argument("--no_maps", action="store_true", help="do not write the .npy anomaly maps")
@@ -153,7 +157,8 @@ def _write_outputs(path: Path, stem: Path, result: dict, write_map: bool) -> dic
         map_path = stem.with_name(stem.name + "_map.npy")
         np.save(map_path, result["anomaly_map"].astype(np.float32))
     return {"image": str(path), "score": float(result["score"]), "is_anomaly": result["is_anomaly"],
-            "category": result["category"], "threshold": result["threshold"],
+            "category": result["category"], "category_source": result.get("category_source"),
+            "threshold": result["threshold"], "threshold_source": result.get("threshold_source"),
             "normalized_score": result["normalized_score"], "heatmap": str(heatmap),
             "map": str(map_path) if map_path else None}
 
