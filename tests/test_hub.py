@@ -509,3 +509,34 @@ def test_the_package_has_no_import_circle():
         circle = circle_from(name, (name,))
         assert circle is None, " -> ".join(circle)
     assert "cnc_hf.space" not in graph["cnc_hf.hub"] and "cnc_hf.hub" not in graph["cnc_hf.model_card"]
+
+
+# --------------------------------------------------------------------------- the dataset card
+def test_converted_dataset_card_is_a_datasetcard_with_license_configs_and_dataset_info(tmp_path):
+    """The parquet folder's README.md: huggingface_hub's DatasetCard, with the source's license, the
+    parquet files per split and `dataset_info` in the shape `datasets` writes; and it still loads."""
+    from datasets import load_dataset
+    from huggingface_hub import DatasetCard
+
+    from cnc_hf.data import convert_to_parquet, make_demo_dataset
+    from cnc_hf.data.common import FEATURES
+    from cnc_hf.data.mvtec import load_mvtec_ad
+
+    root = make_demo_dataset(tmp_path / "demo", seed=0, n_train=2, n_test_good=1, n_test_defect=1)
+    dataset = load_mvtec_ad(root, ["brick"])
+    out = convert_to_parquet(dataset, tmp_path / "parquet", root=root, source_name="cnc-hf demo textures")
+    card = DatasetCard.load(out / "README.md")
+    data = card.data.to_dict()
+    assert data["license"] == "cc0-1.0" and data["pretty_name"] == "cnc-hf demo textures (cnc-hf format)"
+    assert data["configs"] == [{"config_name": "default", "data_files": [
+        {"split": "train", "path": "data/train-*.parquet"}, {"split": "test", "path": "data/test-*.parquet"}]}]
+    info = data["dataset_info"]
+    assert [f["name"] for f in info["features"]] == list(FEATURES)
+    assert {s["name"]: s["num_examples"] for s in info["splits"]} == {"train": 2, "test": len(dataset["test"])}
+    assert info["download_size"] == sum(p.stat().st_size for p in (out / "data").glob("*.parquet"))
+    assert "License: `cc0-1.0`" in card.text
+    loaded = load_dataset(str(out), cache_dir=str(tmp_path / "cache"))
+    assert loaded["test"].features == FEATURES and len(loaded["train"]) == 2
+    for source, license in (("MVTec AD", "cc-by-nc-sa-4.0"), ("VisA", "cc-by-4.0"), ("image folders (x)", None)):
+        again = convert_to_parquet(dataset, tmp_path / source, root=root, source_name=source)
+        assert DatasetCard.load(again / "README.md").data.to_dict().get("license") == license
