@@ -346,6 +346,8 @@ def test_push_command(model_dir, monkeypatch, capsys):
     assert hub_cli.main(["push", str(model_dir), "org/cnc-mvtec"]) == 1
     assert "pickle-format" in capsys.readouterr().err
     assert hub_cli.main(["card", str(model_dir)]) == 0 and (model_dir / "README.md").is_file()
+    assert cli.main(["card", str(model_dir), "--dataset", "visa"]) == 0
+    assert "CNC anomaly detector for VisA" in (model_dir / "README.md").read_text()
 
 
 # --------------------------------------------------------------------------- loading by Hub id
