@@ -1,4 +1,4 @@
-"""The `cnc-hf` command line: demo, train, evaluate, predict, push, app.
+"""The `cnc-hf` command line: demo, train, evaluate, predict, export, push, card, convert, app.
 
 Each subcommand is a thin front for a module that also runs on its own, so `--help` of the
 subcommand is that module's help:
@@ -9,7 +9,8 @@ subcommand is that module's help:
     cnc-hf predict IMG... --model DIR [--output_dir DIR]
     cnc-hf predict IMG... --onnx FILE   the same with ONNX Runtime, no torch
     cnc-hf export --model DIR --output FILE.onnx   = python -m cnc_hf.onnx_export ...
-    cnc-hf push MODEL_DIR REPO_ID    = python -m cnc_hf.hub push ...
+    cnc-hf push MODEL_DIR REPO_ID    = python -m cnc_hf.hub_cli push ...
+    cnc-hf card MODEL_DIR            = python -m cnc_hf.hub_cli card ...
     cnc-hf convert --format mvtec --root DIR --output_dir DIR   = python -m cnc_hf.data.convert ...
     cnc-hf app --model DIR_OR_ID     a Gradio app (extra "app": pip install -e ".[app]")
 """
@@ -26,7 +27,8 @@ COMMANDS = {
     "evaluate": ("cnc_hf.evaluation", "evaluate a model dir on a data set: per-category table (markdown + JSON)"),
     "predict": ("cnc_hf.predict", "score images with a model and write heat-map overlays"),
     "export": ("cnc_hf.onnx_export", "export a model to ONNX for ONNX Runtime (predict --onnx runs it without torch)"),
-    "push": ("cnc_hf.hub", "upload a finished model dir (weights, code, card) to the Hugging Face Hub"),
+    "push": ("cnc_hf.hub_cli", "upload a finished model dir (weights, code, card) to the Hugging Face Hub"),
+    "card": ("cnc_hf.hub_cli", "(re)write the model card (README.md) of a model dir"),
     "convert": ("cnc_hf.data.convert", "turn local MVTec AD / VisA / image folders into parquet shards (and push them)"),
     "app": ("cnc_hf.app", "start a Gradio app to try a model in the browser"),
 }
@@ -54,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         # A separate process: the package never imports the training code (training -> cnc_hf only).
         return subprocess.call([sys.executable, "-m", "cnc_hf_train.train", *rest])
     module = importlib.import_module(COMMANDS[command][0])
-    if command == "push" and (not rest or rest[0] != "push"):
-        rest = ["push", *rest]
+    if command in ("push", "card") and (not rest or rest[0] != command):
+        rest = [command, *rest]  # hub_cli serves both as subcommands
     try:
         result = module.main(rest)
     except Exception as err:  # a mistyped folder, an unreachable Hub: one line, exit 2

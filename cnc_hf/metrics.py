@@ -41,6 +41,7 @@ from scipy import ndimage
 
 __all__ = [
     "METRIC_KEYS",
+    "METRIC_NAMES",
     "IMAGE_KEYS",
     "PIXEL_KEYS",
     "PAPER_KEYS",
@@ -62,6 +63,16 @@ METRIC_KEYS = (
     "pixel_f1_max",
     "aupro",
 )
+# The short name of each metric as the paper's tables write it (tables, model cards).
+METRIC_NAMES = {
+    "image_auroc": "I-AUROC",
+    "image_ap": "I-AP",
+    "image_f1_max": "I-F1max",
+    "pixel_auroc": "P-AUROC",
+    "pixel_ap": "P-AP",
+    "pixel_f1_max": "P-F1max",
+    "aupro": "AUPRO",
+}
 IMAGE_KEYS = METRIC_KEYS[:3]  # from image scores alone
 PIXEL_KEYS = METRIC_KEYS[3:]  # need anomaly maps and masks
 # The five numbers the paper averages into "mTotal", in the paper's column order.
@@ -557,15 +568,11 @@ class AnomalyMetricAccumulator:
 
 # ----------------------------------------------------------------------------- the table
 
+# The paper's five columns, their mean (mTotal), then the F1-max ones.
 _TABLE_COLUMNS = (
-    ("I-AUROC", "image_auroc"),
-    ("P-AUROC", "pixel_auroc"),
-    ("AUPRO", "aupro"),
-    ("I-AP", "image_ap"),
-    ("P-AP", "pixel_ap"),
+    *((METRIC_NAMES[key], key) for key in PAPER_KEYS),
     ("mTotal", None),
-    ("I-F1max", "image_f1_max"),
-    ("P-F1max", "pixel_f1_max"),
+    *((METRIC_NAMES[key], key) for key in METRIC_KEYS if key not in PAPER_KEYS),
 )
 
 

@@ -22,10 +22,11 @@ testing the Space offline), a poor idea for a 1.7 GB ViT-L one (push the model, 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
+
+from cnc_hf.hub_ids import check_repo_id, is_hub_id
 
 # The Gradio version this app was tested with; used when gradio is not installed here.
 TESTED_GRADIO_VERSION = "6.31.0"
@@ -41,7 +42,6 @@ REQUIREMENTS = [
     "numpy",
     "pillow",
 ]
-_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def _gradio_version() -> str:
@@ -118,14 +118,14 @@ def write_space_files(
                 "(cnc-hf push DIR ORG/NAME) and pass the repo id, or pass bundle_model=True to copy the model "
                 "into the Space (small models only)"
             )
-        from cnc_hf.hub import validate_model_dir
+        from cnc_hf.model_dir import validate_model_dir
 
         files = [f for f in validate_model_dir(local) if f != "README.md"]
         (out / BUNDLED_MODEL_DIR).mkdir(parents=True, exist_ok=True)
         for file in files:
             written.append(Path(shutil.copyfile(local / file, out / BUNDLED_MODEL_DIR / file)))
         model_id, model_ref = None, BUNDLED_MODEL_DIR
-    elif _HUB_ID.fullmatch(name):
+    elif is_hub_id(name):
         model_id = model_ref = name
     else:
         raise ValueError(f"model_id_or_dir: {name!r} is neither a Hub id (org/name) nor an existing directory")
@@ -173,8 +173,7 @@ def push_space(
 
     from huggingface_hub import HfApi
 
-    if not _HUB_ID.fullmatch(str(space_id or "")):
-        raise ValueError(f"space_id: got {space_id!r}; expected 'org/name'")
+    check_repo_id(space_id, "space_id")
     with tempfile.TemporaryDirectory(prefix="cnc_space_") as tmp:
         folder = Path(work_dir) if work_dir is not None else Path(tmp)
         files = write_space_files(model_id_or_dir, folder, **space_kwargs)

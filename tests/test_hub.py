@@ -19,6 +19,7 @@ import torch
 from huggingface_hub import HfApi, ModelCard
 
 import cnc_hf.hub as hub
+import cnc_hf.hub_cli as hub_cli
 from cnc_hf.pipeline import save_model_dir
 from cnc_hf.modeling import CNCModel
 from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
@@ -117,9 +118,11 @@ def test_card_round_trip_through_modelcard_load(model_dir):
     assert path == model_dir / "README.md"
     card = ModelCard.load(path)
     data = card.data
-    assert data.library_name == "transformers" and data.pipeline_tag == "image-segmentation"
+    # "other": the Hub's tag for a task outside its list (no widget assumes another output format).
+    assert data.library_name == "transformers" and data.pipeline_tag == "other"
     assert data.license == "cc-by-nc-sa-4.0" and "image-anomaly-detection" in data.tags
     assert data.base_model == "openai/clip-vit-large-patch14-336"
+    assert data.datasets is None  # MVTec AD from a local folder has no Hub id; the text names it
     index = data.to_dict()["model-index"]
     assert index[0]["name"] == "cnc-mvtec"
     results = {(r.dataset_config, r.metric_name): r for r in data.eval_results}
@@ -166,6 +169,30 @@ def test_card_rerenders_from_saved_files_and_other_templates(model_dir):
     assert ModelCard.load(model_dir / "README.md").text.strip() == "# x by me"
 
 
+def test_card_metadata_names_hub_datasets_and_base_models_and_says_what_demo_and_folder_data_are(model_dir):
+    """`datasets:` holds Hub dataset ids only (the Hub links them); `base_model:` the CLIP checkpoint when
+    it is a Hub id; the demo and folder cases say in the text what the data were."""
+    hub.write_model_card(model_dir, metrics={}, training_args={"dataset": "org/mvtec-ad-parquet",
+                                                                "clip_model": "openai/clip-vit-base-patch16"})
+    card = ModelCard.load(model_dir / "README.md")
+    assert card.data.datasets == ["org/mvtec-ad-parquet"] and card.data.base_model == "openai/clip-vit-base-patch16"
+    assert "CNC anomaly detector for MVTec AD" in card.text  # the template still follows the data set's name
+    hub.write_model_card(model_dir, dataset="mvtec", dataset_id="me/my-mvtec-copy")
+    assert ModelCard.load(model_dir / "README.md").data.datasets == ["me/my-mvtec-copy"]
+
+    local_clip = model_dir.parent / "random_clip"
+    local_clip.mkdir()
+    hub.write_model_card(model_dir, metrics={}, training_args={"dataset": "demo", "clip_model": str(local_clip)})
+    demo = ModelCard.load(model_dir / "README.md")
+    assert demo.data.datasets is None and demo.data.base_model is None  # a local CLIP: its origin is unknown
+    assert "| CLIP backbone | random_clip |" in demo.text and "/" + local_clip.parent.name not in demo.text
+    assert "**cnc-hf demo textures**" in demo.text and "scikit-image" in demo.text
+    hub.write_model_card(model_dir, metrics={}, training_args={"dataset": "folder"})
+    folder = ModelCard.load(model_dir / "README.md")
+    assert "**private image folders**" in folder.text and "not published with the model" in folder.text
+    assert folder.data.pipeline_tag == "other" and folder.data.license == "apache-2.0"
+
+
 def test_card_without_threshold_says_so(model_dir):
     config = json.loads((model_dir / "config.json").read_text())
     config["threshold"] = None
@@ -198,7 +225,7 @@ def test_metrics_in_percent_are_refused(model_dir):
 def test_push_uploads_exactly_the_files_that_belong(model_dir, monkeypatch):
     recorder = RecordingHub(monkeypatch)
     hub.write_model_card(model_dir, training_args={"dataset": "mvtec", "epochs": 2})
-    result = hub.push_to_hub(model_dir, "org/cnc-mvtec", private=True, token="hf_dummy", create_pr=True)
+    result = hub.upload_model_dir(model_dir, "org/cnc-mvtec", private=True, token="hf_dummy", create_pr=True)
     assert result == "fake-commit-info"
     assert recorder.repos == [{"repo_id": "org/cnc-mvtec", "repo_type": "model", "private": True, "exist_ok": True}]
     (commit,) = recorder.commits
@@ -216,10 +243,48 @@ def test_push_without_optional_files_and_dry_run(saved_model, tmp_path, monkeypa
     recorder = RecordingHub(monkeypatch)
     bare = tmp_path / "bare"
     shutil.copytree(saved_model, bare)
-    files = hub.push_to_hub(bare, "cnc-mini", dry_run=True)
-    assert sorted(files) == sorted(MODEL_FILES + ["README.md"])
+    files = hub.upload_model_dir(bare, "cnc-mini", dry_run=True)
+    assert sorted(files) == sorted(MODEL_FILES + ["README.md"])  # the card it would write, listed
     assert recorder.repos == [] and recorder.commits == []
-    assert "Not evaluated" in (bare / "README.md").read_text()  # generic card, no metrics
+    assert not (bare / "README.md").exists()  # a dry run writes nothing
+    assert "Not evaluated" in hub.build_model_card(bare, repo_id="cnc-mini").text  # generic card, no metrics
+
+
+def _snapshot(folder: Path) -> dict:
+    """Every file and folder under `folder`: name -> (mtime_ns, bytes), folders with None for bytes."""
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("with_card", [False, True])
+def test_dry_run_changes_nothing_on_disk(model_dir, monkeypatch, capsys, with_card):
+    """`--dry_run` renders the card in memory and lists what a real push would send (the card it would
+    write and the heat-map panel it would copy included), and leaves the folder byte for byte as it was."""
+    recorder = RecordingHub(monkeypatch)
+    if with_card:
+        hub.write_model_card(model_dir, training_args={"dataset": "mvtec", "epochs": 2}, repo_id="old/name")
+    before = _snapshot(model_dir)
+    files = hub.upload_model_dir(model_dir, "org/cnc-mvtec", dry_run=True)
+    assert hub_cli.main(["push", str(model_dir), "org/cnc-mvtec", "--dry_run", "--space", "org/cnc-demo"]) == 0
+    assert _snapshot(model_dir) == before
+    assert recorder.repos == [] and recorder.commits == []
+    assert {"README.md", "heatmap_example.png", "metrics.json"} <= set(files)
+    assert f"would upload {len(files)} files" in capsys.readouterr().out
+    # A real push then sends exactly the files the dry run listed.
+    hub.upload_model_dir(model_dir, "org/cnc-mvtec")
+    (commit,) = recorder.commits
+    assert [op.path_in_repo for op in commit["operations"]] == files
+
+
+def test_push_to_hub_is_a_deprecated_name_for_upload_model_dir(saved_model, tmp_path, monkeypatch):
+    RecordingHub(monkeypatch)
+    bare = tmp_path / "bare"
+    shutil.copytree(saved_model, bare)
+    with pytest.warns(FutureWarning, match="upload_model_dir"):
+        files = hub.push_to_hub(bare, "cnc-mini", dry_run=True)
+    assert files == hub.upload_model_dir(bare, "cnc-mini", dry_run=True)
+    with pytest.warns(FutureWarning, match="hub_cli.main"):
+        assert hub.main is hub_cli.main
 
 
 @pytest.mark.parametrize("name", ["pytorch_model.bin", "extra.pt", "state.pkl", "weights.pth"])
@@ -227,7 +292,7 @@ def test_push_refuses_pickle_files(model_dir, monkeypatch, name):
     recorder = RecordingHub(monkeypatch)
     (model_dir / name).write_bytes(b"\x80\x04pickle")
     with pytest.raises(hub.ModelDirError, match=f"pickle-format files \\['{name}'\\]"):
-        hub.push_to_hub(model_dir, "org/cnc-mvtec")
+        hub.upload_model_dir(model_dir, "org/cnc-mvtec")
     assert recorder.repos == [] and recorder.commits == []
     assert not (model_dir / "README.md").exists()  # refused before anything was written
 
@@ -245,7 +310,7 @@ def test_push_refuses_incomplete_dirs(model_dir, monkeypatch, breakage, message)
     recorder = RecordingHub(monkeypatch)
     breakage(model_dir)
     with pytest.raises(hub.ModelDirError, match=message):
-        hub.push_to_hub(model_dir, "org/cnc-mvtec")
+        hub.upload_model_dir(model_dir, "org/cnc-mvtec")
     assert recorder.repos == []
 
 
@@ -258,14 +323,14 @@ def _edit_config(model_dir: Path, **changes) -> None:
 def test_push_checks_the_repo_id(model_dir):
     for bad in ("", "a/b/c", "has space/x"):
         with pytest.raises(ValueError, match="repo_id"):
-            hub.push_to_hub(model_dir, bad, dry_run=True)
+            hub.upload_model_dir(model_dir, bad, dry_run=True)
 
 
 def test_push_command(model_dir, monkeypatch, capsys):
     from cnc_hf import cli
 
     recorder = RecordingHub(monkeypatch)
-    assert hub.main(["push", str(model_dir), "org/cnc-mvtec", "--dry_run"]) == 0
+    assert hub_cli.main(["push", str(model_dir), "org/cnc-mvtec", "--dry_run"]) == 0
     out = capsys.readouterr().out
     assert "would upload 19 files" in out and "model.safetensors" in out and "checkpoints" not in out
     assert cli.main(["push", str(model_dir), "org/cnc-mvtec", "--private", "--token", "hf_x"]) == 0
@@ -273,14 +338,16 @@ def test_push_command(model_dir, monkeypatch, capsys):
     assert "fake-commit-info" in capsys.readouterr().out
     # --space: the Space files too, listed on a dry run, nothing sent
     commits = len(recorder.commits)
-    assert hub.main(["push", str(model_dir), "org/cnc-mvtec", "--dry_run", "--space", "org/cnc-demo"]) == 0
+    assert hub_cli.main(["push", str(model_dir), "org/cnc-mvtec", "--dry_run", "--space", "org/cnc-demo"]) == 0
     out = capsys.readouterr().out
     assert "Space org/cnc-demo" in out and "app.py" in out and "requirements.txt" in out
     assert len(recorder.commits) == commits
     (model_dir / "pytorch_model.bin").write_bytes(b"x")
-    assert hub.main(["push", str(model_dir), "org/cnc-mvtec"]) == 1
+    assert hub_cli.main(["push", str(model_dir), "org/cnc-mvtec"]) == 1
     assert "pickle-format" in capsys.readouterr().err
-    assert hub.main(["card", str(model_dir)]) == 0 and (model_dir / "README.md").is_file()
+    assert hub_cli.main(["card", str(model_dir)]) == 0 and (model_dir / "README.md").is_file()
+    assert cli.main(["card", str(model_dir), "--dataset", "visa"]) == 0
+    assert "CNC anomaly detector for VisA" in (model_dir / "README.md").read_text()
 
 
 # --------------------------------------------------------------------------- loading by Hub id
@@ -355,7 +422,7 @@ def test_push_with_the_hub_unreachable_is_one_clear_error(model_dir, monkeypatch
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # a closed loopback port: refused at once
-    assert hub.main(["push", str(model_dir), "org/cnc-mvtec", "--token", "hf_dummy"]) == 2
+    assert hub_cli.main(["push", str(model_dir), "org/cnc-mvtec", "--token", "hf_dummy"]) == 2
     err = capsys.readouterr().err
     assert "could not reach the Hugging Face Hub (http://127.0.0.1:9)" in err and "--dry_run" in err
     assert "Traceback" not in err and len(err.splitlines()) == 1
@@ -390,3 +457,88 @@ def test_a_cached_hub_id_is_used_even_beside_a_local_folder_of_its_org(tmp_path,
         hub.check_local_model_argument("openai/clip-vit-base-patch32")
     monkeypatch.setattr(hub, "_in_hub_cache", lambda repo_id: True)
     hub.check_local_model_argument("openai/clip-vit-base-patch32")  # cached: the Hub repo is meant
+
+
+# --------------------------------------------------------------------------- module structure
+def _imports(path: Path, package: str) -> set[str]:
+    """The cnc_hf modules `path` imports, at module level or inside functions. Imports under
+    `if __name__ == "__main__"` and in a module `__getattr__` (deprecated names) are left out: they run
+    only once the module is fully imported, so they cannot close a circle."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skipped = {id(n) for node in ast.walk(tree)
+               if (isinstance(node, ast.If) and "__main__" in ast.unparse(node.test))
+               or (isinstance(node, ast.FunctionDef) and node.name == "__getattr__")
+               for n in ast.walk(node)}
+    names = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [base]).strip(".")
+            names |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+    return names
+
+
+def test_the_package_has_no_import_circle():
+    """app -> hub -> space -> app was a circle; the command line now lives in hub_cli, the only module
+    that needs the upload, the card and the Space together."""
+    root = REPO_ROOT / "cnc_hf"
+    modules = {}
+    for path in root.rglob("*.py"):
+        name = ".".join(("cnc_hf",) + path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        modules[name] = path
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        graph[name] = {m for m in _imports(path, package) if m in modules and m != name}
+
+    def circle_from(start, seen=()):
+        for nxt in sorted(graph[start]):
+            if nxt in seen:
+                return [*seen[seen.index(nxt):], nxt]
+            found = circle_from(nxt, (*seen, nxt))
+            if found:
+                return found
+        return None
+
+    for name in sorted(graph):
+        circle = circle_from(name, (name,))
+        assert circle is None, " -> ".join(circle)
+    assert "cnc_hf.space" not in graph["cnc_hf.hub"] and "cnc_hf.hub" not in graph["cnc_hf.model_card"]
+
+
+# --------------------------------------------------------------------------- the dataset card
+def test_converted_dataset_card_is_a_datasetcard_with_license_configs_and_dataset_info(tmp_path):
+    """The parquet folder's README.md: huggingface_hub's DatasetCard, with the source's license, the
+    parquet files per split and `dataset_info` in the shape `datasets` writes; and it still loads."""
+    from datasets import load_dataset
+    from huggingface_hub import DatasetCard
+
+    from cnc_hf.data import convert_to_parquet, make_demo_dataset
+    from cnc_hf.data.common import FEATURES
+    from cnc_hf.data.mvtec import load_mvtec_ad
+
+    root = make_demo_dataset(tmp_path / "demo", seed=0, n_train=2, n_test_good=1, n_test_defect=1)
+    dataset = load_mvtec_ad(root, ["brick"])
+    out = convert_to_parquet(dataset, tmp_path / "parquet", root=root, source_name="cnc-hf demo textures")
+    card = DatasetCard.load(out / "README.md")
+    data = card.data.to_dict()
+    assert data["license"] == "cc0-1.0" and data["pretty_name"] == "cnc-hf demo textures (cnc-hf format)"
+    assert data["configs"] == [{"config_name": "default", "data_files": [
+        {"split": "train", "path": "data/train-*.parquet"}, {"split": "test", "path": "data/test-*.parquet"}]}]
+    info = data["dataset_info"]
+    assert [f["name"] for f in info["features"]] == list(FEATURES)
+    assert {s["name"]: s["num_examples"] for s in info["splits"]} == {"train": 2, "test": len(dataset["test"])}
+    assert info["download_size"] == sum(p.stat().st_size for p in (out / "data").glob("*.parquet"))
+    assert "License: `cc0-1.0`" in card.text
+    loaded = load_dataset(str(out), cache_dir=str(tmp_path / "cache"))
+    assert loaded["test"].features == FEATURES and len(loaded["train"]) == 2
+    for source, license in (("MVTec AD", "cc-by-nc-sa-4.0"), ("VisA", "cc-by-4.0"), ("image folders (x)", None)):
+        again = convert_to_parquet(dataset, tmp_path / source, root=root, source_name=source)
+        assert DatasetCard.load(again / "README.md").data.to_dict().get("license") == license

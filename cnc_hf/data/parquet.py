@@ -1,7 +1,8 @@
 """The Hub form of an anomaly dataset: parquet shards plus a dataset card, and pushing it.
 
 `convert_to_parquet(dataset, output_dir)` writes `data/{train,test}-NNNNN-of-MMMMM.parquet` and a
-README.md whose `configs` section names the splits, so `datasets.load_dataset(output_dir)` (or the Hub
+README.md (a huggingface_hub DatasetCard: `configs` naming the splits' files, `dataset_info`, the
+source's license when known), so `datasets.load_dataset(output_dir)` (or the Hub
 repo id after `push_folder_to_hub`) gives back the cnc-hf schema (`cnc_hf.data.common.FEATURES`).
 Pushing uploads that same folder, so what is tested locally is what lands on the Hub. The command
 line is `python -m cnc_hf.data.convert`.
@@ -88,24 +89,53 @@ def _embedded_shard(dataset: Dataset, start: int, stop: int, root: Path | None) 
     return Dataset.from_dict(columns, features=FEATURES)
 
 
-def _dataset_card(source: str, dataset: DatasetDict) -> str:
+# The source data sets' own terms, by the names `cnc_hf.data.convert` gives them (Hub license ids).
+# The demo textures are crops of scikit-image's CC0 photographs (see cnc_hf.data.demo).
+SOURCE_LICENSES = {"MVTec AD": "cc-by-nc-sa-4.0", "VisA": "cc-by-4.0", "cnc-hf demo textures": "cc0-1.0"}
+
+
+def _size_category(rows: int) -> str:
+    """The Hub's size bucket for `rows` examples ("n<1K", "1K<n<10K", ...)."""
+    for bound, name in ((10**3, "n<1K"), (10**4, "1K<n<10K"), (10**5, "10K<n<100K"), (10**6, "100K<n<1M")):
+        if rows < bound:
+            return name
+    return "1M<n<10M"
+
+
+def _dataset_card(source: str, dataset: DatasetDict, split_bytes: dict, download_size: int, license: str | None):
+    """The README.md of a converted folder: a huggingface_hub `DatasetCard` whose metadata names the
+    parquet files per split (`configs`), the schema and sizes (`dataset_info`, in the shape `datasets`
+    writes when it pushes) and the source's license when it is known."""
+    from datasets import DatasetInfo, SplitDict, SplitInfo
+    from datasets.info import DatasetInfosDict
+    from huggingface_hub import DatasetCard, DatasetCardData
+
     categories = sorted(set(dataset["train"].unique("category")) | set(dataset["test"].unique("category")))
+    data = DatasetCardData(
+        license=license, pretty_name=f"{source} (cnc-hf format)",
+        task_categories=["image-classification", "image-segmentation"],  # a label per image, a mask per defect
+        size_categories=[_size_category(sum(len(dataset[split]) for split in SPLITS))],
+        tags=["anomaly-detection", "cnc-hf"],
+        configs=[{"config_name": "default",
+                  "data_files": [{"split": split, "path": f"data/{split}-*.parquet"} for split in SPLITS]}],
+    )
+    splits = SplitDict()
+    for split in SPLITS:
+        splits.add(SplitInfo(name=split, num_bytes=split_bytes[split], num_examples=len(dataset[split])))
+    info = DatasetInfo(features=FEATURES, splits=splits, download_size=download_size,
+                       dataset_size=sum(split_bytes.values()))
+    DatasetInfosDict({"default": info}).to_dataset_card_data(data)
     counts = ", ".join(f"{split}: {len(dataset[split])}" for split in SPLITS)
-    return (
-        "---\n"
-        "configs:\n"
-        "- config_name: default\n"
-        "  data_files:\n"
-        + "".join(f"  - split: {split}\n    path: data/{split}-*.parquet\n" for split in SPLITS)
-        + "task_categories:\n- image-segmentation\n"
-        "tags:\n- anomaly-detection\n- cnc-hf\n"
-        "---\n\n"
+    terms = (f"License: `{license}`, the source data set's own." if license
+             else "The source images' own license applies; set `license:` above before publishing.")
+    return DatasetCard(
+        f"---\n{data.to_yaml()}\n---\n\n"
         f"# {source} (cnc-hf format)\n\n"
         f"Converted with `python -m cnc_hf.data.convert`. Rows {counts}; categories: {', '.join(categories)}.\n\n"
         "Columns: `image` (RGB), `mask` (0/255; None for good images, and for anomalous images labelled per image\n"
         "only, which have no pixel ground truth), `label` (good/anomaly), `category`,\n"
         "`defect_type`, `path` (relative to the source root). Load with `datasets.load_dataset(...)` or\n"
-        "`cnc_hf.data.load_anomaly_dataset(...)`. The source dataset's own license applies.\n"
+        f"`cnc_hf.data.load_anomaly_dataset(...)`. {terms}\n"
     )
 
 
@@ -115,11 +145,14 @@ def convert_to_parquet(
     root: str | os.PathLike | None = None,
     source_name: str = "anomaly dataset",
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    license: str | None = None,
 ) -> Path:
     """Write `dataset` (cnc-hf schema) as parquet shards + dataset card under `output_dir`.
 
     Files are read shard by shard, so memory stays bounded by the shard size. `root` makes `path`
     relative. Existing parquet shards in `output_dir/data` are an error (a mix would load both).
+    `license`: a Hub license id for the card; default the source's own when `source_name` is a known
+    one (`SOURCE_LICENSES`), else none (the card says to set it).
     """
     validate_schema(dataset, source_name)
     output_dir = Path(output_dir).expanduser()
@@ -128,12 +161,19 @@ def convert_to_parquet(
         raise FileExistsError(f"{data_dir} already holds parquet shards; choose an empty --output_dir")
     data_dir.mkdir(parents=True, exist_ok=True)
     root_path = None if root is None else Path(root).expanduser()
+    split_bytes, download_size = {}, 0  # for the card's dataset_info: arrow bytes per split, parquet bytes
     for split in SPLITS:
         ranges = _shard_ranges(dataset[split], max_shard_bytes)
+        split_bytes[split] = 0
         for index, (start, stop) in enumerate(ranges):
             shard = _embedded_shard(dataset[split], start, stop, root_path)
-            shard.to_parquet(str(data_dir / f"{split}-{index:05d}-of-{len(ranges):05d}.parquet"))
-    (output_dir / "README.md").write_text(_dataset_card(source_name, dataset), encoding="utf-8")
+            path = data_dir / f"{split}-{index:05d}-of-{len(ranges):05d}.parquet"
+            shard.to_parquet(str(path))
+            split_bytes[split] += shard.data.nbytes
+            download_size += path.stat().st_size
+    card = _dataset_card(source_name, dataset, split_bytes, download_size,
+                         license if license is not None else SOURCE_LICENSES.get(source_name))
+    card.save(output_dir / "README.md")
     return output_dir
 
 
