@@ -212,26 +212,23 @@ def _hyperparameters(config: Mapping[str, Any], training_args: Mapping[str, Any]
 
 
 # --------------------------------------------------------------------------- heat-map example
-def render_heatmap_example(model_dir: str | os.PathLike, image: Any, out_path: str | os.PathLike | None = None) -> Path:
-    """Run the pipeline of `model_dir` on `image` and save `input | heat map` side by side (PNG)."""
-    import PIL.Image
-
-    from cnc_hf.pipeline import AnomalyMapPipeline
+def render_heatmap_example(model_dir: str | os.PathLike, image: Any, out_path: str | os.PathLike | None = None,
+                           category: str | None = None) -> Path:
+    """Run the pipeline of `model_dir` on `image` and save the labelled row of `cnc_hf.figures` (image | heat
+    map, a caption with the category, score, threshold and decision, and the colour bar) as PNG."""
+    from cnc_hf.figures import Example, render_examples
     from cnc_hf.modeling import CNCModel
-    from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
-    from cnc_hf.modeling.pipeline_cnc import load_rgb
+    from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor, load_rgb
+    from cnc_hf.pipeline import AnomalyMapPipeline
 
     model_dir = Path(model_dir)
     out_path = Path(out_path) if out_path is not None else model_dir / HEATMAP_EXAMPLE
     pipe = AnomalyMapPipeline(model=CNCModel.from_pretrained(model_dir),
                               image_processor=CNCImageProcessor.from_pretrained(model_dir), device=-1)
-    heatmap = pipe(image)["heatmap"]
-    height = 384  # readable on the Hub page whatever the input size
-    size = (max(1, round(heatmap.width * height / heatmap.height)), height)
-    panel = PIL.Image.new("RGB", (2 * size[0], height), "white")
-    panel.paste(load_rgb(image).resize(size, PIL.Image.Resampling.BILINEAR, reducing_gap=3.0), (0, 0))
-    panel.paste(heatmap.resize(size, PIL.Image.Resampling.BILINEAR), (size[0], 0))
-    panel.save(out_path)
+    result = pipe(image, category=category)
+    name = Path(image).name if isinstance(image, (str, os.PathLike)) else None
+    # 288 px tiles: readable on the Hub page whatever the input size.
+    render_examples([Example.from_result(load_rgb(image), result, name=name)], tile=288).save(out_path)
     return out_path
 
 

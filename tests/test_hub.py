@@ -209,8 +209,14 @@ def test_card_renders_an_example_heat_map_from_an_image(model_dir):
     assert "No example image was rendered" in (model_dir / "README.md").read_text()
     image = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
     hub.write_model_card(model_dir, dataset="mvtec", example_image=image)
+    from cnc_hf.figures import _PAD
+
     panel = PIL.Image.open(model_dir / "heatmap_example.png")
-    assert panel.size == (2 * 576, 384)  # input | heat map, 384 px high
+    assert panel.width == 2 * 288 + 2 * _PAD and panel.height > 288  # the labelled row: input | heat map, caption
+    # The input tile (under the column headers) is the image itself, resized: the same picture, not another one.
+    tile = np.asarray(panel)[16 + 2 * _PAD:16 + 2 * _PAD + 288, _PAD:_PAD + 288].astype(float)
+    expected = np.asarray(PIL.Image.fromarray(image).resize((288, 288), PIL.Image.Resampling.BILINEAR)).astype(float)
+    assert np.abs(tile - expected).mean() < 2
     assert "![Input and anomaly heat map](heatmap_example.png)" in (model_dir / "README.md").read_text()
 
 
