@@ -78,6 +78,29 @@ def test_real_clip_tokenizer_gives_the_stored_ids(clip_bpe_dir):
     assert tokenizer("damaged object", add_special_tokens=False)["input_ids"] == config.abnormal_token_ids
 
 
+def test_config_saved_by_the_earlier_config_class_loads_identically(tmp_path):
+    """tests/data holds a config.json written by CNCConfig before its fields were declared as dataclass
+    fields, and the to_dict of that config loaded by that class: today's class reads it to the same values
+    and writes it back unchanged."""
+    import json
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data"
+    saved = json.loads((data / "cnc_config_v0_1.json").read_text())
+    loaded = json.loads((data / "cnc_config_v0_1.loaded.json").read_text())
+    loaded.pop("transformers_version")
+    for config in (CNCConfig.from_json_file(data / "cnc_config_v0_1.json"),
+                   CNCConfig.from_pretrained(data / "cnc_config_v0_1.json")):
+        now = json.loads(json.dumps(config.to_dict(), default=str))
+        now.pop("transformers_version")
+        assert now == loaded
+        config.save_pretrained(tmp_path)
+        rewritten = json.loads((tmp_path / "config.json").read_text())
+        assert {k: v for k, v in rewritten.items() if k != "transformers_version"} == \
+            {k: v for k, v in saved.items() if k != "transformers_version"}
+    assert CNCConfig.from_json_file(data / "cnc_config_v0_1.json").custom_pipelines == {}  # served by cnc_hf here
+
+
 # ---------------------------------------------------------------- equations by hand
 def test_control_coefficient_and_promotion_by_hand():
     # Eq. (6): Psi = (1 + tanh(alpha - beta)) / 2
