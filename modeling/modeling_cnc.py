@@ -164,12 +164,10 @@ class CNCModel(CNCPreTrainedModel):
         from transformers.dynamic_module_utils import custom_object_save
 
         from .image_processing_cnc import CNCImageProcessor
-        from .pipeline_cnc import TASK, AnomalyMapPipeline
+        from .pipeline_cnc import AnomalyMapPipeline, custom_pipelines_entry
 
-        # __dict__, not the attribute: cnc_hf's config class hides locally served pipelines on read.
-        pipelines = dict(self.config.__dict__.get("custom_pipelines") or {})
-        pipelines[TASK] = {"impl": f"pipeline_cnc.{AnomalyMapPipeline.__name__}", "pt": ["AutoModel"], "type": "image"}
-        self.config.custom_pipelines = pipelines
+        # __dict__, not the attribute: the config class hides pipelines its package serves (CNCConfig.custom_pipelines).
+        self.config.custom_pipelines = {**(self.config.__dict__.get("custom_pipelines") or {}), **custom_pipelines_entry()}
         # transformers uploads inside its save, before the files below exist: push after them instead.
         push = kwargs.pop("push_to_hub", False)
         hub = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private") if key in kwargs}
