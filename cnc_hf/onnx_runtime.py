@@ -97,7 +97,7 @@ class OnnxAnomalyDetector:
                 results.append({
                     "score": float(score),
                     "is_anomaly": None if threshold is None else bool(score >= threshold),
-                    "anomaly_map": self.processor.postprocess_anomaly_map(small, (rgb.height, rgb.width)),
+                    "anomaly_map": self.processor.post_process_anomaly_map(small, (rgb.height, rgb.width)),
                     "heatmap": heatmap,
                     "category": category,
                     "threshold": threshold,

@@ -155,7 +155,8 @@ class CNCConfig(PreTrainedConfig):
         elif isinstance(self.clip_config, dict):
             self.clip_config = CLIPConfig(**self.clip_config)
         depth = self.clip_config.vision_config.num_hidden_layers
-        self.feature_layers = list(self.feature_layers) if self.feature_layers is not None else default_feature_layers(depth)
+        self.feature_layers = (list(self.feature_layers) if self.feature_layers is not None
+                               else default_feature_layers(depth))
         self.normal_token_ids = list(OBJECT_TOKEN_IDS if self.normal_token_ids is None else self.normal_token_ids)
         self.abnormal_token_ids = list(DAMAGED_OBJECT_TOKEN_IDS if self.abnormal_token_ids is None
                                        else self.abnormal_token_ids)

@@ -168,7 +168,8 @@ class CNCModel(CNCPreTrainedModel):
         from .pipeline_cnc import AnomalyMapPipeline, custom_pipelines_entry
 
         # __dict__, not the attribute: the config class hides pipelines its package serves (CNCConfig.custom_pipelines).
-        self.config.custom_pipelines = {**(self.config.__dict__.get("custom_pipelines") or {}), **custom_pipelines_entry()}
+        saved = self.config.__dict__.get("custom_pipelines") or {}
+        self.config.custom_pipelines = {**saved, **custom_pipelines_entry()}
         # transformers uploads inside its save, before the files below exist: push after them instead.
         push = kwargs.pop("push_to_hub", False)
         hub = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private") if key in kwargs}

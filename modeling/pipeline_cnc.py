@@ -194,7 +194,7 @@ class AnomalyMapPipeline(Pipeline):
         return {
             "score": score,
             "is_anomaly": None if threshold is None else bool(score >= threshold),
-            "anomaly_map": self.image_processor.postprocess_anomaly_map(small_map, (height, width)),
+            "anomaly_map": self.image_processor.post_process_anomaly_map(small_map, (height, width)),
             "heatmap": heatmap,
             "category": category,
             "threshold": threshold,
