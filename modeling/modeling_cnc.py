@@ -20,7 +20,7 @@ from transformers import CLIPModel, PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
 from .anomaly_map import anomaly_map, gaussian_blur, image_score
-from .configuration_cnc import CNCConfig
+from .configuration_cnc import CNCConfig, pop_hub_kwargs
 from .decoder import CNCDecoder
 from .fusion import MultiLayerFusion
 from .joint_space import project_to_joint_space
@@ -196,7 +196,7 @@ class CNCModel(CNCPreTrainedModel):
         is refused with a ValueError naming it, and nothing in it is executed.
         """
         dtype = overrides.pop("dtype", torch.float32)
-        hub_kwargs = {k: overrides[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in overrides}
+        hub_kwargs = pop_hub_kwargs(overrides, keep=True)  # the config reads them too (and takes them out)
         config = CNCConfig.from_clip_pretrained(pretrained_model_name_or_path, **overrides)
         verbosity = logging.get_verbosity()
         logging.set_verbosity_error()  # the CNC parts are "newly initialised" by design
