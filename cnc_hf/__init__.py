@@ -3,8 +3,8 @@
     from cnc_hf import CNCConfig, CNCModel, AnomalyMapPipeline
     model = CNCModel.from_clip_pretrained("openai/clip-vit-large-patch14-336")
 
-Importing the package registers "cnc" with AutoConfig/AutoModel and the
-"image-anomaly-detection" pipeline task. Without torch installed, only the ONNX Runtime path
+Importing the package registers "cnc" with AutoConfig/AutoModel/AutoImageProcessor and the
+"image-anomaly-detection" pipeline task (cnc_hf.registration). Without torch installed, only the ONNX Runtime path
 (`cnc_hf.onnx_runtime`, `cnc-hf predict --onnx`) is available; the model's names say so when used.
 """
 
@@ -23,12 +23,10 @@ except ImportError as missing:  # a deployment without torch: exported ONNX mode
                               "models exported with `cnc-hf export`")
         raise AttributeError(f"module 'cnc_hf' has no attribute {name!r}")
 else:
-    from transformers import AutoConfig, AutoModel
-
     from cnc_hf.modeling import CNCConfig, CNCModel, CNCOutput
     from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
+    from cnc_hf.modeling.pipeline_cnc import AnomalyMapPipeline
+    from cnc_hf.model_dir import save_model_dir
+    from cnc_hf.registration import register as _register
 
-    AutoConfig.register("cnc", CNCConfig, exist_ok=True)
-    AutoModel.register(CNCConfig, CNCModel, exist_ok=True)
-
-    from cnc_hf.pipeline import AnomalyMapPipeline, save_model_dir  # (registers the task)
+    _register()

@@ -1,13 +1,20 @@
-"""What a finished CNC model directory holds, and which of its files may be published.
+"""The finished model directory: `save_model_dir` writes it, `validate_model_dir` says which of its files
+belong to the model (what `cnc_hf.hub` uploads).
 
+    save_model_dir(model, processor, output_dir)
     validate_model_dir(model_dir)    # the files that belong to the model, or ModelDirError
 
-The list is explicit, never "everything in the folder": the weights (safetensors only),
+It serves both ways of running the model: `pipeline("image-anomaly-detection", model=dir)` with
+cnc-hf installed, and `pipeline(..., trust_remote_code=True)` from the code files saved in the
+directory, in a process without cnc-hf.
+
+The list of files is explicit, never "everything in the folder": the weights (safetensors only),
 config.json, preprocessor_config.json, the code files the saved auto_map / custom_pipelines
 entries need (and their relative imports), README.md, and when present metrics.json,
 training_args.json and heatmap_example.png. Training leftovers (checkpoints/, runs/, logs,
 heatmaps/) stay local. A folder with a pickle-format file at its top level
 (.bin/.pt/.pth/.pkl/.pickle/.ckpt) is refused: loading such files can run arbitrary code.
+Checking needs no torch; saving imports the model code when called.
 """
 
 from __future__ import annotations
@@ -17,6 +24,10 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+# The files a finished model directory holds (besides README.md and metrics.json).
+WEIGHTS_NAME = "model.safetensors"
+PIPELINE_CODE = "pipeline_cnc.py"
+PROCESSOR_CODE = "image_processing_cnc.py"
 WEIGHT_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 HEATMAP_EXAMPLE = "heatmap_example.png"
@@ -112,5 +123,38 @@ def validate_model_dir(model_dir: str | os.PathLike, *, will_write: Iterable[str
     return files
 
 
-__all__ = ["HEATMAP_EXAMPLE", "ModelDirError", "OPTIONAL_FILES", "PICKLE_SUFFIXES", "WEIGHT_INDEX", "read_json",
-           "validate_model_dir"]
+def save_model_dir(model, processor, output_dir: str | os.PathLike) -> Path:
+    """Write the finished model directory and return its path.
+
+    Contents: `model.safetensors`, `config.json` (with `auto_map` and `custom_pipelines`),
+    `preprocessor_config.json`, and the code files of the model, the processor and the pipeline.
+    This is what `transformers.Pipeline.save_pretrained` writes for a registered custom pipeline;
+    we go through it so the layout stays transformers' own. The model is not moved to another device.
+    The files replace an earlier save atomically for readers (cnc_hf.atomic): a kill at any point
+    leaves the old model, the new one, or no config.json, never old weights beside a new config.
+    `processor=None` saves a `CNCImageProcessor` at `model.config.image_size`.
+    """
+    from cnc_hf.atomic import save_atomically
+    from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
+    from cnc_hf.modeling.pipeline_cnc import AnomalyMapPipeline
+
+    output_dir = Path(output_dir)
+    if output_dir.is_file():
+        raise ValueError(f"output_dir: {output_dir} is a file; expected a directory")
+    if processor is None:
+        processor = CNCImageProcessor(size=model.config.image_size)
+
+    def write(staging: Path) -> None:
+        was_training = model.training
+        AnomalyMapPipeline(model=model, image_processor=processor, device=model.device).save_pretrained(staging)
+        model.train(was_training)
+        missing = [name for name in (WEIGHTS_NAME, "config.json", "preprocessor_config.json", PIPELINE_CODE,
+                                     PROCESSOR_CODE) if not (staging / name).is_file()]
+        if missing:
+            raise RuntimeError(f"save_model_dir: {staging} lacks {missing} after saving; this is a bug in cnc_hf")
+
+    return save_atomically(output_dir, write)
+
+
+__all__ = ["HEATMAP_EXAMPLE", "ModelDirError", "OPTIONAL_FILES", "PICKLE_SUFFIXES", "PIPELINE_CODE", "PROCESSOR_CODE",
+           "WEIGHTS_NAME", "WEIGHT_INDEX", "read_json", "save_model_dir", "validate_model_dir"]

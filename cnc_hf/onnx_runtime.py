@@ -107,7 +107,7 @@ class OnnxAnomalyDetector:
                 results.append({
                     "score": float(score),
                     "is_anomaly": decision.pop("is_anomaly"),
-                    "anomaly_map": self.processor.postprocess_anomaly_map(small, (rgb.height, rgb.width)),
+                    "anomaly_map": self.processor.post_process_anomaly_map(small, (rgb.height, rgb.width)),
                     "heatmap": heatmap,
                     **decision,
                 })

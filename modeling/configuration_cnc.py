@@ -1,8 +1,16 @@
 """Configuration of CNC (Cross-modal Normality Constraint, AAAI 2025).
 
-Every hyperparameter of the paper is a plain field whose default is the paper's value. Fields
-for choices the paper leaves open carry the default we picked and say why (the README's
-"Design choices" table lists them again).
+Every hyperparameter of the paper is a field whose default is the paper's value. Fields for choices
+the paper leaves open carry the default we picked and say why (the README's "Design choices" table
+lists them again).
+
+The fields are declared once, as class annotations, the way transformers 5 declares its configs
+(`PreTrainedConfig` makes every subclass a dataclass): adding a field is one line here, one line in
+the docstring and, when it has a rule, one check in `validate_cnc`. Unlike transformers' own configs
+the class is not wrapped in `huggingface_hub.dataclasses.strict`: strict re-raises a validator's
+error as `StrictDataclassClassValidationError`, which is not a ValueError, while CNC promises a
+ValueError naming the field (tests and the trainer's flag errors rely on it); and strict's per-field
+type checks on assignment would refuse values that work today (e.g. a numpy float as `threshold`).
 """
 
 from __future__ import annotations
@@ -10,7 +18,7 @@ from __future__ import annotations
 import math
 import numbers
 
-from transformers import CLIPConfig, PretrainedConfig
+from transformers import CLIPConfig, PreTrainedConfig
 
 # Token ids of the class words of Eq. (2)/(3) in the real CLIP BPE vocabulary (49408 tokens),
 # so the prompts can be built without a tokenizer at run time.
@@ -26,6 +34,13 @@ IMPORTANCE_LOSS_FORMS = ("cv2", "literal")
 # What a config.json saved before these fields existed was trained with: it loads with that behaviour.
 LEGACY_DEFAULTS = {"promotion_scale": "patch", "prompt_training": "all"}
 IMAGE_SCORE_REDUCTIONS = ("max", "mean_top1pct")
+# The Hub arguments of `from_pretrained` that reading a CLIP checkpoint passes on (config, tokenizer, weights).
+HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only")
+
+
+def pop_hub_kwargs(kwargs: dict, keep: bool = False) -> dict:
+    """The Hub arguments (HUB_KWARGS) among `kwargs`, removed from it unless `keep`."""
+    return {key: (kwargs[key] if keep else kwargs.pop(key)) for key in HUB_KWARGS if key in kwargs}
 
 
 def default_feature_layers(num_hidden_layers: int) -> list[int]:
@@ -38,7 +53,7 @@ def default_feature_layers(num_hidden_layers: int) -> list[int]:
     return [max(1, math.ceil(num_hidden_layers * k / 4)) for k in (1, 2, 3)]
 
 
-class CNCConfig(PretrainedConfig):
+class CNCConfig(PreTrainedConfig):
     r"""Configuration for [`CNCModel`].
 
     Args:
@@ -103,89 +118,71 @@ class CNCConfig(PretrainedConfig):
     """
 
     model_type = "cnc"
+    # `sub_configs` (not transformers 5.2x's `sub_configs_defaults`): this file is also the remote code of
+    # saved models, read by whatever transformers 5 the loading process has; __post_init__ builds CLIPConfig.
     sub_configs = {"clip_config": CLIPConfig}
 
-    def __init__(
-        self,
-        clip_config: dict | CLIPConfig | None = None,
-        feature_layers: list[int] | None = None,
-        prompt_length: int = 12,
-        normal_token_ids: list[int] | None = None,
-        abnormal_token_ids: list[int] | None = None,
-        bos_token_id: int = CLIP_BOS_TOKEN_ID,
-        eos_token_id: int = CLIP_EOS_TOKEN_ID,
-        promotion_scale: str = "map",
-        prompt_training: str = "alignment",
-        tau: float = 0.001,
-        gamma: float = 0.1,
-        theta: int = 5,
-        num_experts: int = 5,
-        moe_top_k: int = 2,
-        moe_gating: str = "topk_softmax",
-        moe_eps: float = 1e-10,
-        moe_importance_loss: str = "cv2",
-        expert_mlp_ratio: float = 1.0,
-        noise_std: float = 0.1,
-        fusion_dropout: float = 0.1,
-        decoder_num_heads: int | None = None,
-        decoder_mlp_ratio: float = 4.0,
-        map_smoothing_sigma: float = 4.0,
-        image_score_reduction: str = "max",
-        image_size: int = 224,
-        threshold: float | None = None,
-        category_thresholds: dict[str, float] | None = None,
-        categories: list[str] | None = None,
-        category_distance_limits: dict[str, float] | None = None,
-        use_mlf: bool = True,
-        use_cnc: bool = True,
-        use_moe: bool = True,
-        initializer_range: float = 0.02,
-        **kwargs,
-    ):
-        if clip_config is None:
-            clip_config = CLIPConfig()
-        elif isinstance(clip_config, dict):
-            clip_config = CLIPConfig(**clip_config)
-        self.clip_config = clip_config
+    clip_config: dict | CLIPConfig | None = None
+    feature_layers: list[int] | None = None
+    prompt_length: int = 12
+    normal_token_ids: list[int] | None = None
+    abnormal_token_ids: list[int] | None = None
+    bos_token_id: int = CLIP_BOS_TOKEN_ID
+    eos_token_id: int = CLIP_EOS_TOKEN_ID
+    promotion_scale: str = "map"
+    prompt_training: str = "alignment"
+    tau: float = 0.001
+    gamma: float = 0.1
+    theta: int = 5
+    num_experts: int = 5
+    moe_top_k: int = 2
+    moe_gating: str = "topk_softmax"
+    moe_eps: float = 1e-10
+    moe_importance_loss: str = "cv2"
+    expert_mlp_ratio: float = 1.0
+    noise_std: float = 0.1
+    fusion_dropout: float = 0.1
+    decoder_num_heads: int | None = None
+    decoder_mlp_ratio: float = 4.0
+    map_smoothing_sigma: float = 4.0
+    image_score_reduction: str = "max"
+    image_size: int = 224
+    threshold: float | None = None
+    category_thresholds: dict[str, float] | None = None
+    categories: list[str] | None = None
+    category_distance_limits: dict[str, float] | None = None
+    use_mlf: bool = True
+    use_cnc: bool = True
+    use_moe: bool = True
+    initializer_range: float = 0.02
 
-        depth = clip_config.vision_config.num_hidden_layers
-        self.feature_layers = list(feature_layers) if feature_layers is not None else default_feature_layers(depth)
-        self.prompt_length = prompt_length
-        self.normal_token_ids = list(normal_token_ids) if normal_token_ids is not None else list(OBJECT_TOKEN_IDS)
-        self.abnormal_token_ids = (
-            list(abnormal_token_ids) if abnormal_token_ids is not None else list(DAMAGED_OBJECT_TOKEN_IDS)
-        )
-        self.promotion_scale = promotion_scale
-        self.prompt_training = prompt_training
-        self.tau = tau
-        self.gamma = gamma
-        self.theta = theta
-        self.num_experts = num_experts
-        self.moe_top_k = moe_top_k
-        self.moe_gating = moe_gating
-        self.moe_eps = moe_eps
-        self.moe_importance_loss = moe_importance_loss
-        self.expert_mlp_ratio = expert_mlp_ratio
-        self.noise_std = noise_std
-        self.fusion_dropout = fusion_dropout
-        self.decoder_num_heads = decoder_num_heads
-        self.decoder_mlp_ratio = decoder_mlp_ratio
-        self.map_smoothing_sigma = map_smoothing_sigma
-        self.image_score_reduction = image_score_reduction
-        self.image_size = image_size
-        self.threshold = threshold
-        self.category_thresholds = dict(category_thresholds) if category_thresholds else None
-        self.categories = [str(name) for name in categories] if categories else None
-        self.category_distance_limits = dict(category_distance_limits) if category_distance_limits else None
-        self.use_mlf = use_mlf
-        self.use_cnc = use_cnc
-        self.use_moe = use_moe
-        self.initializer_range = initializer_range
-        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
+    def __post_init__(self, **kwargs):
+        """Fill the defaults that depend on other fields, then check every field (ValueError naming it)."""
+        if self.clip_config is None:
+            self.clip_config = CLIPConfig()
+        elif isinstance(self.clip_config, dict):
+            self.clip_config = CLIPConfig(**self.clip_config)
+        depth = self.clip_config.vision_config.num_hidden_layers
+        self.feature_layers = (list(self.feature_layers) if self.feature_layers is not None
+                               else default_feature_layers(depth))
+        self.normal_token_ids = list(OBJECT_TOKEN_IDS if self.normal_token_ids is None else self.normal_token_ids)
+        self.abnormal_token_ids = list(DAMAGED_OBJECT_TOKEN_IDS if self.abnormal_token_ids is None
+                                       else self.abnormal_token_ids)
+        self.category_thresholds = dict(self.category_thresholds) if self.category_thresholds else None
+        self.categories = [str(name) for name in self.categories] if self.categories else None
+        self.category_distance_limits = dict(self.category_distance_limits) if self.category_distance_limits else None
+        super().__post_init__(**kwargs)
         self.validate_cnc()
 
+    # ------------------------------------------------------------------ validation
     def validate_cnc(self) -> None:
         """Raise a ValueError naming the field for any configuration the model cannot run."""
+        self._check_backbone_fields()
+        self._check_training_fields()
+        self._check_head_fields()
+
+    def _check_backbone_fields(self) -> None:
+        """The taps, the prompts' tokens and the input size against the CLIP towers."""
         vision, text = self.clip_config.vision_config, self.clip_config.text_config
         depth = vision.num_hidden_layers
         if len(self.feature_layers) == 0:
@@ -215,10 +212,14 @@ class CNCConfig(PretrainedConfig):
             value = getattr(self, name)
             if value is None or not 0 <= value < text.vocab_size:
                 raise ValueError(f"{name}={value} is outside the text vocabulary [0, {text.vocab_size}).")
-        if self.promotion_scale not in PROMOTION_SCALES:
-            raise ValueError(f"promotion_scale={self.promotion_scale!r}: expected one of {PROMOTION_SCALES}.")
-        if self.prompt_training not in PROMPT_TRAININGS:
-            raise ValueError(f"prompt_training={self.prompt_training!r}: expected one of {PROMPT_TRAININGS}.")
+        patch = vision.patch_size
+        if self.image_size < patch or self.image_size % patch:
+            raise ValueError(f"image_size={self.image_size} must be a positive multiple of the patch size {patch}.")
+
+    def _check_training_fields(self) -> None:
+        """The paper's switches and loss weights (Eq. 4-11, 15)."""
+        _check_choice("promotion_scale", self.promotion_scale, PROMOTION_SCALES)
+        _check_choice("prompt_training", self.prompt_training, PROMPT_TRAININGS)
         if not self.tau > 0:
             raise ValueError(f"tau (temperature) must be > 0, got {self.tau}.")
         if self.gamma < 0:
@@ -229,8 +230,24 @@ class CNCConfig(PretrainedConfig):
             raise ValueError(f"num_experts (T) must be >= 1, got {self.num_experts}.")
         if not 1 <= self.moe_top_k <= self.num_experts:
             raise ValueError(f"moe_top_k (K) must be in [1, num_experts={self.num_experts}], got {self.moe_top_k}.")
-        if self.moe_gating not in MOE_GATINGS:
-            raise ValueError(f"moe_gating={self.moe_gating!r}: expected one of {MOE_GATINGS}.")
+        _check_choice("moe_gating", self.moe_gating, MOE_GATINGS)
+        _check_choice("moe_importance_loss", self.moe_importance_loss, IMPORTANCE_LOSS_FORMS)
+        if self.noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {self.noise_std}.")
+        if not 0 <= self.fusion_dropout < 1:
+            raise ValueError(f"fusion_dropout must be in [0, 1), got {self.fusion_dropout}.")
+
+    def _check_head_fields(self) -> None:
+        """The widths of the experts and the decoder, the map, the score and the decision thresholds."""
+        vision = self.clip_config.vision_config
+        if self.expert_mlp_ratio <= 0 or self.decoder_mlp_ratio <= 0:
+            raise ValueError("expert_mlp_ratio and decoder_mlp_ratio must be > 0.")
+        heads = self.decoder_num_heads or vision.num_attention_heads
+        if heads < 1 or vision.hidden_size % heads:
+            raise ValueError(f"decoder_num_heads={heads} must divide the vision width {vision.hidden_size}.")
+        if self.map_smoothing_sigma < 0:
+            raise ValueError(f"map_smoothing_sigma must be >= 0, got {self.map_smoothing_sigma}.")
+        _check_choice("image_score_reduction", self.image_score_reduction, IMAGE_SCORE_REDUCTIONS)
         for name, value in (self.category_thresholds or {}).items():
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ValueError(f"category_thresholds[{name!r}]={value!r}: expected a finite number.")
@@ -239,29 +256,40 @@ class CNCConfig(PretrainedConfig):
         for name, value in (self.category_distance_limits or {}).items():
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 2:
                 raise ValueError(f"category_distance_limits[{name!r}]={value!r}: expected a cosine distance in [0, 2].")
-        if self.moe_importance_loss not in IMPORTANCE_LOSS_FORMS:
-            raise ValueError(f"moe_importance_loss={self.moe_importance_loss!r}: expected one of {IMPORTANCE_LOSS_FORMS}.")
-        if self.expert_mlp_ratio <= 0 or self.decoder_mlp_ratio <= 0:
-            raise ValueError("expert_mlp_ratio and decoder_mlp_ratio must be > 0.")
-        if self.noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {self.noise_std}.")
-        if not 0 <= self.fusion_dropout < 1:
-            raise ValueError(f"fusion_dropout must be in [0, 1), got {self.fusion_dropout}.")
-        heads = self.decoder_num_heads or vision.num_attention_heads
-        if heads < 1 or vision.hidden_size % heads:
-            raise ValueError(
-                f"decoder_num_heads={heads} must divide the vision width {vision.hidden_size}."
-            )
-        if self.map_smoothing_sigma < 0:
-            raise ValueError(f"map_smoothing_sigma must be >= 0, got {self.map_smoothing_sigma}.")
-        if self.image_score_reduction not in IMAGE_SCORE_REDUCTIONS:
-            raise ValueError(
-                f"image_score_reduction={self.image_score_reduction!r}: expected one of {IMAGE_SCORE_REDUCTIONS}."
-            )
-        patch = vision.patch_size
-        if self.image_size < patch or self.image_size % patch:
-            raise ValueError(f"image_size={self.image_size} must be a positive multiple of the patch size {patch}.")
 
+    # ------------------------------------------------------------------ the saved pipeline entry
+    @property
+    def custom_pipelines(self) -> dict:
+        """The pipelines saved as remote code (config.json `custom_pipelines`), less those that the package
+        this class was imported from already serves in this process.
+
+        A saved CNC config lists the pipeline under `custom_pipelines`: that is how a process WITHOUT cnc-hf
+        finds `pipeline_cnc.py` with `trust_remote_code=True`. transformers' `pipeline()` refuses any task
+        listed there unless `trust_remote_code=True` or `pipeline_class=` is passed (transformers 5.24,
+        pipelines/__init__.py, `if task in custom_tasks: ... if pipeline_class is None: if not
+        trust_remote_code: raise ValueError`), even when the installed cnc-hf registered the same task with
+        PIPELINE_REGISTRY. So `pipeline("image-anomaly-detection", model=dir)` after `import cnc_hf` works
+        only if the installed config class does not report the entry: an entry is hidden when the task's
+        registered pipeline class comes from the same package as this config class (cnc_hf.modeling). The
+        copy of this file loaded as remote code lives in another package (transformers_modules...), so it
+        keeps every entry and `trust_remote_code=True` still runs the saved pipeline. The stored value
+        (`__dict__`, what `to_dict` and `save_pretrained` write) always keeps every entry.
+        """
+        saved = self.__dict__.get("custom_pipelines") or {}
+        if not saved:
+            return saved
+        from transformers.pipelines import PIPELINE_REGISTRY
+
+        package = type(self).__module__.rpartition(".")[0]
+        served = {task for task, info in PIPELINE_REGISTRY.supported_tasks.items()
+                  if task in saved and getattr(info.get("impl"), "__module__", "").rpartition(".")[0] == package}
+        return {task: info for task, info in saved.items() if task not in served}
+
+    @custom_pipelines.setter
+    def custom_pipelines(self, value: dict | None) -> None:
+        self.__dict__["custom_pipelines"] = value
+
+    # ------------------------------------------------------------------ loading
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
         """Load a saved config; one saved before a behaviour switch existed keeps the behaviour it was
@@ -287,7 +315,7 @@ class CNCConfig(PretrainedConfig):
         "object" / "damaged object" and the start/end ids are taken from it, so checkpoints
         with another vocabulary still get the right prompt tokens. `overrides` set any field.
         """
-        hub_kwargs = {k: overrides.pop(k) for k in ("cache_dir", "revision", "token", "local_files_only") if k in overrides}
+        hub_kwargs = pop_hub_kwargs(overrides)
         clip_config = CLIPConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         if clip_config.model_type != "clip":
             raise ValueError(
@@ -349,6 +377,11 @@ def _try_load_tokenizer(path_or_id, **hub_kwargs):
         return AutoTokenizer.from_pretrained(path_or_id, **hub_kwargs)
     except (OSError, ValueError, TypeError):
         return None
+
+
+def _check_choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {choices}.")
 
 
 CNCConfig.register_for_auto_class()

@@ -29,6 +29,16 @@ def fit_within(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def squeeze_map(anomaly_map):
+    """An (H, W) anomaly map from (H, W), (1, H, W) or (1, 1, H, W) (a numpy array or a torch tensor);
+    a ValueError for any other shape. The one rule for every reader of a map (pipeline, processor, overlay)."""
+    while anomaly_map.ndim > 2 and anomaly_map.shape[0] == 1:
+        anomaly_map = anomaly_map[0]
+    if anomaly_map.ndim != 2:
+        raise ValueError(f"anomaly_map: shape {tuple(anomaly_map.shape)}; expected (H, W)")
+    return anomaly_map
+
+
 def _axis(n_in: int, n_out: int):
     # torch's bilinear sampling with align_corners=False: source = (i + 0.5) * in/out - 0.5, clamped at 0.
     source = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0)
@@ -63,10 +73,7 @@ def overlay_heatmap(image: PIL.Image.Image, anomaly_map: np.ndarray, value_range
     size = fit_within(image.width, image.height, max_side)
     if image.size != size:
         image = image.resize(size, PIL.Image.Resampling.BILINEAR, reducing_gap=3.0)
-    amap = np.asarray(anomaly_map, dtype=np.float32)
-    while amap.ndim > 2 and amap.shape[0] == 1:  # (1, H, W), (1, 1, H, W)
-        amap = amap[0]
-    amap = resize_bilinear(amap, size[1], size[0])  # a ValueError for anything but (H, W)
+    amap = resize_bilinear(squeeze_map(np.asarray(anomaly_map, dtype=np.float32)), size[1], size[0])
     low, high = value_range if value_range is not None else (float(np.nanmin(amap)), float(np.nanmax(amap)))
     span = high - low
     # In place: at display size this is the largest float array the overlay makes.

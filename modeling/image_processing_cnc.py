@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -46,7 +47,7 @@ import PIL.Image
 import PIL.ImageOps
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
-from .heatmap import resize_bilinear
+from .heatmap import resize_bilinear, squeeze_map
 
 try:  # optional: the torch-free ONNX Runtime path (cnc_hf.onnx_runtime) preprocesses with this file too
     import torch
@@ -237,7 +238,7 @@ def mask_defect_pixels(mask: PIL.Image.Image) -> np.ndarray:
 
 def _mask_to_bool(mask: Any, index: int) -> np.ndarray:
     """Return an HxW bool array: True where the mask marks a defect (any non-zero value)."""
-    where = _where(index, "masks")
+    where = _where(index, "segmentation_maps")
     if isinstance(mask, (str, os.PathLike)):
         mask = _open_path(mask, where)
     if isinstance(mask, PIL.Image.Image):
@@ -281,8 +282,9 @@ class CNCImageProcessor(BaseImageProcessor):
         resample (`int`, defaults to `PIL.Image.BICUBIC` = 3): PIL filter for images. Masks always
             use nearest neighbour so that they stay binary and do not grow or shrink.
 
-    Call: `processor(images, masks=None, return_tensors="pt")` -> `BatchFeature` with
-    `pixel_values` float32 (B, 3, S, S) and, when `masks` is given, `masks` float32 (B, S, S) in
+    Call: `processor(images, segmentation_maps=None, return_tensors="pt")` -> `BatchFeature` with
+    `pixel_values` float32 (B, 3, S, S) and, when defect masks are given as `segmentation_maps` (the name
+    transformers' segmentation processors use; `masks=` is its deprecated alias), `masks` float32 (B, S, S) in
     {0, 1}. See the module docstring for accepted inputs.
     """
 
@@ -330,21 +332,29 @@ class CNCImageProcessor(BaseImageProcessor):
             raise ValueError(f"resample: got {resample!r}; expected a PIL resampling filter (0..5)")
         return int(resample)
 
-    def __call__(self, images: Any, masks: Any = None, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
-        return self.preprocess(images, masks=masks, return_tensors=return_tensors, **kwargs)
+    def __call__(self, images: Any, segmentation_maps: Any = None, return_tensors: str | None = "pt",
+                 **kwargs) -> BatchFeature:
+        return self.preprocess(images, segmentation_maps=segmentation_maps, return_tensors=return_tensors, **kwargs)
 
     def preprocess(
         self,
         images: Any,
-        masks: Any = None,
+        segmentation_maps: Any = None,
         return_tensors: str | None = "pt",
         size: int | None = None,
         resample: int | str | None = None,
         **kwargs,
     ) -> BatchFeature:
-        """Preprocess one image or a batch (and optionally the matching masks); see the class docstring."""
+        """Preprocess one image or a batch (and optionally the matching defect masks); see the class docstring."""
+        if "masks" in kwargs:  # the name before transformers' `segmentation_maps`
+            warnings.warn("CNCImageProcessor(masks=...) is deprecated; pass segmentation_maps=...", FutureWarning,
+                          stacklevel=3)
+            if segmentation_maps is not None:
+                raise ValueError("pass the defect masks once: segmentation_maps= (or the deprecated masks=), not both")
+            segmentation_maps = kwargs.pop("masks")
         if kwargs:
-            raise ValueError(f"unexpected arguments {sorted(kwargs)}; expected masks, return_tensors, size, resample")
+            raise ValueError(f"unexpected arguments {sorted(kwargs)}; expected segmentation_maps, return_tensors, size, "
+                             "resample")
         size = self.size if size is None else self._check_size(size)
         resample = self.resample if resample is None else self._check_resample(resample)
         images = _as_list(images, "images")
@@ -363,10 +373,11 @@ class CNCImageProcessor(BaseImageProcessor):
             pixel_values.append(array.transpose(2, 0, 1))
         data = {"pixel_values": np.stack(pixel_values).astype(np.float32)}
 
-        if masks is not None:
-            masks = _as_list(masks, "masks", allow_none=True)
+        if segmentation_maps is not None:
+            masks = _as_list(segmentation_maps, "segmentation_maps", allow_none=True)
             if len(masks) != len(images):
-                raise ValueError(f"masks: got {len(masks)} masks for {len(images)} images; expected one per image")
+                raise ValueError(f"segmentation_maps: got {len(masks)} masks for {len(images)} images; expected one "
+                                 "per image")
             out = np.zeros((len(images), size, size), dtype=np.float32)
             for index, (mask, (height, width)) in enumerate(zip(masks, image_sizes)):
                 if mask is None:
@@ -374,7 +385,8 @@ class CNCImageProcessor(BaseImageProcessor):
                 binary = _mask_to_bool(mask, index)
                 if binary.shape != (height, width):
                     raise ValueError(
-                        f"masks[{index}]: size (h, w) = {binary.shape} but images[{index}] is {(height, width)}; "
+                        f"segmentation_maps[{index}]: size (h, w) = {binary.shape} but images[{index}] is "
+                        f"{(height, width)}; "
                         "expected a mask of the same size as its image"
                     )
                 small = PIL.Image.fromarray(binary.astype(np.uint8) * 255, "L").resize(
@@ -384,28 +396,31 @@ class CNCImageProcessor(BaseImageProcessor):
             data["masks"] = out
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def postprocess_anomaly_map(self, anomaly_map: Any, original_size: tuple[int, int]) -> np.ndarray:
+    def post_process_anomaly_map(self, anomaly_map: Any, original_size: tuple[int, int]) -> np.ndarray:
         """Resize an (H, W) anomaly map back to the image's `original_size` = (height, width), bilinearly.
 
         Leading singleton axes ((1, H, W), (1, 1, H, W)) are accepted. Returns float32 (height, width).
         Note: PIL's `image.size` is (width, height); pass `(image.height, image.width)`.
         """
         if torch is None:  # the torch-free path: the same bilinear sampling in numpy (two output-size arrays)
-            tensor = np.asarray(anomaly_map, dtype=np.float32)
+            values = np.asarray(anomaly_map, dtype=np.float32)
         else:
-            tensor = torch.as_tensor(np.asarray(anomaly_map) if not _is_tensor(anomaly_map) else anomaly_map)
-        while tensor.ndim > 2 and tensor.shape[0] == 1:
-            tensor = tensor[0]
-        if tensor.ndim != 2:
-            raise ValueError(f"anomaly_map: shape {tuple(tensor.shape)}; expected (H, W)")
+            values = torch.as_tensor(np.asarray(anomaly_map) if not _is_tensor(anomaly_map) else anomaly_map)
+        values = squeeze_map(values)
         height, width = (int(v) for v in original_size)
         if height < 1 or width < 1:
             raise ValueError(f"original_size: got {tuple(original_size)}; expected positive (height, width)")
         if torch is None:
-            return resize_bilinear(tensor, height, width)
-        tensor = tensor.detach().to("cpu", torch.float32)[None, None]
-        resized = F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)
+            return resize_bilinear(values, height, width)
+        values = values.detach().to("cpu", torch.float32)[None, None]
+        resized = F.interpolate(values, size=(height, width), mode="bilinear", align_corners=False)
         return resized[0, 0].numpy().astype(np.float32, copy=False)
+
+    def postprocess_anomaly_map(self, anomaly_map: Any, original_size: tuple[int, int]) -> np.ndarray:
+        """Deprecated name of `post_process_anomaly_map` (transformers names these `post_process_*`)."""
+        warnings.warn("CNCImageProcessor.postprocess_anomaly_map is deprecated; use post_process_anomaly_map",
+                      FutureWarning, stacklevel=2)
+        return self.post_process_anomaly_map(anomaly_map, original_size)
 
 
 # --------------------------------------------------------------------------- pipeline inputs

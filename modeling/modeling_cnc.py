@@ -1,6 +1,7 @@
 r"""CNCModel: frozen CLIP + learnable prompts, MLF, gated MoE and a reverse-distillation decoder.
 
-Data flow (one image, n tapped layers, DESIGN.md "The model in one breath"):
+Data flow (one image, n tapped layers; the paper's Sec. 3 and Fig. 2, the README's "Design choices" for what it
+leaves open):
     CLIP vision tower up to the deepest tap -> f_1..f_n (+CLS)
     [training: + Gaussian noise] -> Phi (Eq. 12) -> gated MoE (Eq. 13-14) -> decoder -> \hat f_1..\hat f_n
     prompts (Eq. 2-3) -> frozen text tower -> g_n^i, g_a^i
@@ -20,7 +21,7 @@ from transformers.utils import ModelOutput, logging
 
 from .anomaly_map import anomaly_map, gaussian_blur, image_score
 from .category import embed as category_embedding, similarities as prototype_similarities
-from .configuration_cnc import CNCConfig
+from .configuration_cnc import CNCConfig, pop_hub_kwargs
 from .decoder import CNCDecoder
 from .fusion import MultiLayerFusion
 from .joint_space import project_to_joint_space
@@ -104,7 +105,7 @@ class CNCModel(CNCPreTrainedModel):
             if config.use_moe else None
         )
         heads = config.decoder_num_heads or config.clip_config.vision_config.num_attention_heads
-        self.decoder = CNCDecoder(n, width, heads, config.decoder_mlp_ratio)
+        self.decoder = CNCDecoder(n, width, heads, config.decoder_mlp_ratio, config=self.config)
         self._text_cache: tuple | None = None
         if config.categories:  # rows filled by set_category_prototypes (training) or from the weights file
             self.register_buffer(
@@ -172,12 +173,11 @@ class CNCModel(CNCPreTrainedModel):
         from transformers.dynamic_module_utils import custom_object_save
 
         from .image_processing_cnc import CNCImageProcessor
-        from .pipeline_cnc import TASK, AnomalyMapPipeline
+        from .pipeline_cnc import AnomalyMapPipeline, custom_pipelines_entry
 
-        # __dict__, not the attribute: cnc_hf's config class hides locally served pipelines on read.
-        pipelines = dict(self.config.__dict__.get("custom_pipelines") or {})
-        pipelines[TASK] = {"impl": f"pipeline_cnc.{AnomalyMapPipeline.__name__}", "pt": ["AutoModel"], "type": "image"}
-        self.config.custom_pipelines = pipelines
+        # __dict__, not the attribute: the config class hides pipelines its package serves (CNCConfig.custom_pipelines).
+        saved = self.config.__dict__.get("custom_pipelines") or {}
+        self.config.custom_pipelines = {**saved, **custom_pipelines_entry()}
         # transformers uploads inside its save, before the files below exist: push after them instead.
         push = kwargs.pop("push_to_hub", False)
         hub = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private") if key in kwargs}
@@ -204,7 +204,7 @@ class CNCModel(CNCPreTrainedModel):
         is refused with a ValueError naming it, and nothing in it is executed.
         """
         dtype = overrides.pop("dtype", torch.float32)
-        hub_kwargs = {k: overrides[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in overrides}
+        hub_kwargs = pop_hub_kwargs(overrides, keep=True)  # the config reads them too (and takes them out)
         config = CNCConfig.from_clip_pretrained(pretrained_model_name_or_path, **overrides)
         verbosity = logging.get_verbosity()
         logging.set_verbosity_error()  # the CNC parts are "newly initialised" by design
@@ -250,7 +250,7 @@ class CNCModel(CNCPreTrainedModel):
         wanted = set(self.config.feature_layers)
         taps = {}
         for index, layer in enumerate(vision.encoder.layers[: max(wanted)], start=1):
-            hidden = layer(hidden, None)
+            hidden = layer(hidden_states=hidden, attention_mask=None)  # CLIPEncoderLayer's argument names
             if index in wanted:
                 taps[index] = hidden
         return torch.stack([taps[i] for i in self.config.feature_layers], dim=1)
@@ -310,39 +310,59 @@ class CNCModel(CNCPreTrainedModel):
         tapped_features: torch.Tensor | None = None,
         epoch: int = 0,
         return_dict: bool | None = None,
-        **kwargs,
+        grid_size: tuple[int, int] | None = None,
+        output_size: tuple[int, int] | None = None,
     ) -> CNCOutput | tuple:
         r"""
         Args:
-            pixel_values: (B, 3, H, W) images normalised with CLIP's mean/std.
-            tapped_features: precomputed `encode_image(pixel_values)` (B, n, 1 + h*w, C); skips
-                the vision tower (feature caching). Maps then come out at h*patch x w*patch,
-                or at `output_size=(H, W)` if given.
+            pixel_values: (B, 3, H, W) images normalised with CLIP's mean/std; H and W multiples of the patch size.
+            tapped_features: precomputed `encode_image(pixel_values)` (B, n, 1 + h*w, C); skips the vision
+                tower (feature caching). Give `grid_size` and `output_size` with them for non-square inputs.
             epoch: the current epoch (from 0), which switches L_c2 on at `config.theta` (Eq. 11).
+            grid_size: (h, w) patches of `tapped_features`; defaults to a square grid. Only with
+                `tapped_features` (with `pixel_values` the image gives it; passing it then is a TypeError).
+            output_size: (H, W) of the anomaly map computed from `tapped_features`; defaults to
+                (h * patch, w * patch). Only with `tapped_features`, as `grid_size`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if tapped_features is None:
-            if pixel_values is None:
-                raise ValueError("CNCModel needs `pixel_values` (B, 3, H, W) or `tapped_features`.")
-            if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-                raise ValueError(f"pixel_values must be (B, 3, H, W), got shape {tuple(pixel_values.shape)}.")
-            p = self.patch_size
-            if pixel_values.shape[-1] % p or pixel_values.shape[-2] % p:
-                raise ValueError(
-                    f"pixel_values of size {tuple(pixel_values.shape[-2:])} are not a multiple of the patch size {p}."
-                )
-            grid = (pixel_values.shape[-2] // p, pixel_values.shape[-1] // p)
-            output_size = tuple(pixel_values.shape[-2:])
+            if grid_size is not None or output_size is not None:
+                raise TypeError("CNCModel.forward: grid_size / output_size go with tapped_features, not pixel_values.")
+            grid_size, output_size = self._check_pixel_values(pixel_values)
             tapped_features = self.encode_image(pixel_values)
         else:
             side = int(round((tapped_features.shape[2] - 1) ** 0.5))
-            grid = kwargs.pop("grid_size", (side, side))
-            output_size = kwargs.pop("output_size", None) or (grid[0] * self.patch_size, grid[1] * self.patch_size)
-        if kwargs:
-            raise TypeError(f"CNCModel.forward got unexpected arguments {sorted(kwargs)}.")
+            grid_size = tuple(grid_size) if grid_size is not None else (side, side)
+            output_size = output_size or (grid_size[0] * self.patch_size, grid_size[1] * self.patch_size)
 
-        dtype = self.decoder.blocks[0].qkv.weight.dtype
-        encoded = tapped_features.to(dtype).unbind(dim=1)  # f_1..f_n, each (B, 1 + h*w, C)
+        encoded = tapped_features.to(self.decoder.blocks[0].qkv.weight.dtype).unbind(dim=1)  # f_1..f_n
+        decoded, gates = self.decode(encoded)
+        f_star, f_hat_star, loss_c1, loss_c2 = self.promote_normality(encoded, decoded)
+        if self.training:
+            output = self._losses(f_star, f_hat_star, gates, loss_c1, loss_c2, epoch)
+        else:
+            maps = anomaly_map(f_star, f_hat_star, grid_size, output_size)
+            maps = gaussian_blur(maps, self.config.map_smoothing_sigma)
+            output = CNCOutput(anomaly_map=maps, image_score=image_score(maps, self.config.image_score_reduction),
+                               category_similarity=self.category_similarity(tapped_features))
+        return output if return_dict else output.to_tuple()
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor | None) -> tuple[tuple[int, int], tuple[int, int]]:
+        """((h, w) patches, (H, W) pixels) of valid `pixel_values`; a ValueError saying what is wrong otherwise."""
+        if pixel_values is None:
+            raise ValueError("CNCModel needs `pixel_values` (B, 3, H, W) or `tapped_features`.")
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must be (B, 3, H, W), got shape {tuple(pixel_values.shape)}.")
+        p = self.patch_size
+        if pixel_values.shape[-1] % p or pixel_values.shape[-2] % p:
+            raise ValueError(
+                f"pixel_values of size {tuple(pixel_values.shape[-2:])} are not a multiple of the patch size {p}."
+            )
+        return (pixel_values.shape[-2] // p, pixel_values.shape[-1] // p), tuple(pixel_values.shape[-2:])
+
+    def decode(self, encoded: tuple[torch.Tensor, ...]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        r"""f_1..f_n -> (\hat f_1..\hat f_n, the MoE gates or None): [training: + noise] -> Phi (Eq. 12) ->
+        gated MoE (Eq. 13-14) -> decoder."""
         decoder_input = encoded
         if self.training and self.config.noise_std > 0:
             decoder_input = [f + self.config.noise_std * f.std(dim=-1, keepdim=True) * torch.randn_like(f) for f in encoded]
@@ -350,46 +370,45 @@ class CNCModel(CNCPreTrainedModel):
         gates = None
         if self.moe is not None:
             fused, gates = self.moe(fused)
-        decoded = self.decoder(fused)  # \hat f_1..\hat f_n
+        return self.decoder(fused), gates
 
-        loss_c1 = loss_c2 = None
+    def promote_normality(self, encoded, decoded):
+        r"""The patch tokens f_i*, \hat f_i* after normality promotion (Eq. 5-8), and in training L_c1 (Eq. 4) and
+        L_c2 (Eq. 10); without CNC the patch tokens as they are and no losses."""
         f_star = [f[:, 1:] for f in encoded]
         f_hat_star = [f[:, 1:] for f in decoded]
-        if self.prompt_learner is not None:
-            g = self.text_features()  # (n, 2, P)
-            # "alignment" (the paper): the prompts are "trained by (4)" and serve the rest "as anchors".
-            anchors = g.detach() if self.config.prompt_training == "alignment" else g
-            scale = self.config.promotion_scale
-            with torch.no_grad():
-                enc_joint = torch.stack([self.to_joint_space(f) for f in encoded], dim=1)  # (B, n, 1+L, P)
-            dec_joint = torch.stack([self.to_joint_space(f) for f in decoded], dim=1)
-            f_star = [normality_promotion(f_star[i], enc_joint[:, i, 1:], anchors[i, 0], anchors[i, 1], scale)
-                      for i in range(len(encoded))]
-            f_hat_star = [normality_promotion(f_hat_star[i], dec_joint[:, i, 1:], anchors[i, 0], anchors[i, 1], scale)
-                          for i in range(len(decoded))]
-            if self.training:
-                loss_c1 = normality_alignment_loss(enc_joint[:, :, 0], g, self.config.tau)  # Eq. (4)
-                loss_c2 = normality_alignment_loss(dec_joint[:, :, 0], anchors, self.config.tau)  # Eq. (10)
-
+        if self.prompt_learner is None:
+            return f_star, f_hat_star, None, None
+        g = self.text_features()  # (n, 2, P)
+        # "alignment" (the paper): the prompts are "trained by (4)" and serve the rest "as anchors".
+        anchors = g.detach() if self.config.prompt_training == "alignment" else g
+        scale = self.config.promotion_scale
+        with torch.no_grad():
+            enc_joint = torch.stack([self.to_joint_space(f) for f in encoded], dim=1)  # (B, n, 1+L, P)
+        dec_joint = torch.stack([self.to_joint_space(f) for f in decoded], dim=1)
+        f_star = [normality_promotion(f_star[i], enc_joint[:, i, 1:], anchors[i, 0], anchors[i, 1], scale)
+                  for i in range(len(encoded))]
+        f_hat_star = [normality_promotion(f_hat_star[i], dec_joint[:, i, 1:], anchors[i, 0], anchors[i, 1], scale)
+                      for i in range(len(decoded))]
+        loss_c1 = loss_c2 = None
         if self.training:
-            zero = f_star[0].new_zeros((), dtype=torch.float32)
-            loss_distill = distillation_loss(f_star, f_hat_star)
-            loss_constraint = (
-                constraint_loss(loss_c1, loss_c2, epoch, self.config.theta, self.config.gamma)
-                if loss_c1 is not None else zero
-            )
-            loss_moe = importance_loss(gates, self.config.moe_eps, self.config.moe_importance_loss) if gates is not None else zero
-            output = CNCOutput(
-                loss=loss_distill + loss_constraint + loss_moe,  # Eq. (16)
-                loss_distill=loss_distill, loss_constraint=loss_constraint, loss_moe=loss_moe,
-                loss_c1=loss_c1, loss_c2=loss_c2,
-            )
-        else:
-            maps = anomaly_map(f_star, f_hat_star, grid, output_size)
-            maps = gaussian_blur(maps, self.config.map_smoothing_sigma)
-            output = CNCOutput(anomaly_map=maps, image_score=image_score(maps, self.config.image_score_reduction),
-                               category_similarity=self.category_similarity(tapped_features))
-        return output if return_dict else output.to_tuple()
+            loss_c1 = normality_alignment_loss(enc_joint[:, :, 0], g, self.config.tau)  # Eq. (4)
+            loss_c2 = normality_alignment_loss(dec_joint[:, :, 0], anchors, self.config.tau)  # Eq. (10)
+        return f_star, f_hat_star, loss_c1, loss_c2
+
+    def _losses(self, f_star, f_hat_star, gates, loss_c1, loss_c2, epoch: int) -> CNCOutput:
+        """L_total of Eq. (16) and its parts."""
+        zero = f_star[0].new_zeros((), dtype=torch.float32)
+        loss_distill = distillation_loss(f_star, f_hat_star)
+        loss_constraint = (
+            constraint_loss(loss_c1, loss_c2, epoch, self.config.theta, self.config.gamma) if loss_c1 is not None else zero
+        )
+        loss_moe = importance_loss(gates, self.config.moe_eps, self.config.moe_importance_loss) if gates is not None else zero
+        return CNCOutput(
+            loss=loss_distill + loss_constraint + loss_moe,  # Eq. (16)
+            loss_distill=loss_distill, loss_constraint=loss_constraint, loss_moe=loss_moe,
+            loss_c1=loss_c1, loss_c2=loss_c2,
+        )
 
 
 # ---------------------------------------------------------------------- loading checks (used by the loaders above)

@@ -5,7 +5,7 @@
     result = detector("part.png")
     result["score"], result["is_anomaly"], result["anomaly_map"], result["heatmap"]
 
-This file is saved next to the model (`cnc_hf.pipeline.save_model_dir`) and loaded as remote code
+This file is saved next to the model (`cnc_hf.save_model_dir`, `CNCModel.save_pretrained`) and loaded as remote code
 by processes that do not have cnc-hf installed, so it imports only numpy, PIL, torch, transformers
 and sibling files of the saved model.
 
@@ -59,6 +59,7 @@ from .image_processing_cnc import CNCImageProcessor, _describe, load_rgb, to_rgb
 logger = logging.get_logger(__name__)
 
 TASK = "image-anomaly-detection"
+PIPELINE_TYPE = "image"
 _fit_within = fit_within  # the name the tests and earlier code use
 
 
@@ -210,10 +211,18 @@ class AnomalyMapPipeline(Pipeline):
         return {
             "score": score,
             "is_anomaly": decision.pop("is_anomaly"),
-            "anomaly_map": self.image_processor.postprocess_anomaly_map(small_map, (height, width)),
+            "anomaly_map": self.image_processor.post_process_anomaly_map(small_map, (height, width)),
             "heatmap": heatmap,
             **decision,
         }
 
 
-__all__ = ["AnomalyMapPipeline", "HEATMAP_MAX_SIDE", "TASK", "jet_colormap", "load_rgb", "overlay_heatmap"]
+def custom_pipelines_entry() -> dict:
+    """The `custom_pipelines` value of a saved config.json, in the format `Pipeline.save_pretrained` writes:
+    what `pipeline(TASK, model=dir, trust_remote_code=True)` reads to find this file in the model directory."""
+    impl = f"{AnomalyMapPipeline.__module__.rpartition('.')[2]}.{AnomalyMapPipeline.__name__}"
+    return {TASK: {"impl": impl, "pt": ["AutoModel"], "type": PIPELINE_TYPE}}
+
+
+__all__ = ["AnomalyMapPipeline", "HEATMAP_MAX_SIDE", "PIPELINE_TYPE", "TASK", "custom_pipelines_entry", "jet_colormap",
+           "load_rgb", "overlay_heatmap"]

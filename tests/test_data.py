@@ -290,7 +290,7 @@ def test_mvtec_exif_rotated_image_with_mask_drawn_as_displayed_loads_and_evaluat
     np.testing.assert_array_equal(np.asarray(row["mask"]), np.asarray(PIL.Image.open(mask)))
     batch = make_collate_fn(CNCImageProcessor(size=16))([ds["test"][i] for i in range(len(ds["test"]))])
     assert batch["masks"][index].sum() > 0 and batch["labels"][index] == 1
-    from_files = CNCImageProcessor(size=16)(str(image), masks=str(mask))  # a file preprocesses like its row
+    from_files = CNCImageProcessor(size=16)(str(image), segmentation_maps=str(mask))  # a file preprocesses like its row
     torch.testing.assert_close(from_files["masks"][0], batch["masks"][index])
     torch.testing.assert_close(from_files["pixel_values"][0], batch["pixel_values"][index])
 
@@ -366,8 +366,8 @@ def test_mask_rule_is_the_same_for_dataset_column_and_processor(mvtec, case):
     assert row["mask"].mode == "L"
     np.testing.assert_array_equal(np.asarray(row["mask"]) > 0, region)
     processor = CNCImageProcessor(size=32)
-    from_row = processor(row["image"], masks=row["mask"])["masks"]
-    from_file = processor(row["image"], masks=str(path))["masks"]
+    from_row = processor(row["image"], segmentation_maps=row["mask"])["masks"]
+    from_file = processor(row["image"], segmentation_maps=str(path))["masks"]
     assert from_row.sum() > 0
     torch.testing.assert_close(from_row, from_file)
     # Stored: the 0/255 PNG made at index time, with the mask's own path kept; gray masks stay paths.

@@ -48,7 +48,7 @@ def plain_loop(model, processor, split):
     """One image at a time, no DataLoader: the reference for the batched/sharded loop."""
     scores, maps, masks = [], [], []
     for row in split:
-        inputs = processor(row["image"], masks=[row["mask"]])
+        inputs = processor(row["image"], segmentation_maps=[row["mask"]])
         with torch.no_grad():
             out = model(pixel_values=inputs["pixel_values"])
         scores.append(float(out.image_score[0]))

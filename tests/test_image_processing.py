@@ -169,12 +169,12 @@ def test_mask_exif_orientation_is_applied_like_the_image(tmp_path):
         exif = image.getexif()
         exif[PIL.Image.ExifTags.Base.Orientation] = 6
         image.save(tmp_path / name, exif=exif)
-    out = processor(str(tmp_path / "image.png"), masks=str(tmp_path / "mask.png"))
+    out = processor(str(tmp_path / "image.png"), segmentation_maps=str(tmp_path / "mask.png"))
     shown = np.zeros((4, 2), np.float32)
     shown[0, 1] = 1.0
     expected = np.asarray(PIL.Image.fromarray(shown).resize((4, 4), PIL.Image.Resampling.NEAREST))
     np.testing.assert_array_equal(out["masks"][0].numpy(), expected)
-    opened = processor(PIL.Image.open(tmp_path / "image.png"), masks=PIL.Image.open(tmp_path / "mask.png"))
+    opened = processor(PIL.Image.open(tmp_path / "image.png"), segmentation_maps=PIL.Image.open(tmp_path / "mask.png"))
     torch.testing.assert_close(opened["masks"], out["masks"])
 
 
@@ -186,7 +186,7 @@ def test_exotic_mode_masks_count_any_colour_channel():
     mask.putpixel((0, 0), (2, 0, 0))
     ycbcr = mask.convert("YCbCr")
     assert np.asarray(ycbcr.convert("L"))[0, 0] == 0  # gray loses it
-    out = processor(np.zeros((2, 2, 3), np.uint8), masks=ycbcr)["masks"][0]
+    out = processor(np.zeros((2, 2, 3), np.uint8), segmentation_maps=ycbcr)["masks"][0]
     assert out[0, 0] == 1.0
 
 
@@ -247,7 +247,7 @@ def test_masks_nearest_and_binarised():
         PIL.Image.fromarray(np.stack([mask * 0, mask * 0, mask], -1)),  # colour mask: blue marks defect
         None,
     ]
-    out = processor(images, masks=masks)
+    out = processor(images, segmentation_maps=masks)
     expected = np.zeros((8, 8), np.float32)
     expected[:, :4] = 1.0  # nearest neighbour: exactly the left half, values only 0/1
     assert out["masks"].shape == (4, 8, 8) and out["masks"].dtype == torch.float32
@@ -267,19 +267,19 @@ def test_mask_modes_and_torch_masks():
     i16.putpixel((1, 1), 3)
     t = torch.zeros(1, 4, 4)
     t[0, 1, 1] = 0.5
-    out = processor([image] * 4, masks=[p_mask, one_bit, i16, t])
+    out = processor([image] * 4, segmentation_maps=[p_mask, one_bit, i16, t])
     for index in range(4):
         assert out["masks"][index].nonzero().tolist() == [[1, 1]]
 
 
 def test_mask_errors(processor):
     image = np.zeros((4, 6), np.uint8)
-    with pytest.raises(ValueError, match=r"masks\[0\].*same size"):
-        processor(image, masks=np.zeros((6, 4), np.uint8))
+    with pytest.raises(ValueError, match=r"segmentation_maps\[0\].*same size"):
+        processor(image, segmentation_maps=np.zeros((6, 4), np.uint8))
     with pytest.raises(ValueError, match="2 masks for 1 images"):
-        processor(image, masks=[None, None])
-    with pytest.raises(ValueError, match=r"masks\[0\].*NaN"):
-        processor(image, masks=np.full((4, 6), np.nan))
+        processor(image, segmentation_maps=[None, None])
+    with pytest.raises(ValueError, match=r"segmentation_maps\[0\].*NaN"):
+        processor(image, segmentation_maps=np.full((4, 6), np.nan))
 
 
 def test_constructor_validation():
@@ -295,15 +295,29 @@ def test_constructor_validation():
         CNCImageProcessor(image_mean=[0.5, 0.5])
 
 
-def test_postprocess_anomaly_map(processor):
+def test_post_process_anomaly_map(processor):
     anomaly_map = torch.zeros(16, 16)
     anomaly_map[:, 8:] = 1.0
-    out = processor.postprocess_anomaly_map(anomaly_map, (30, 40))
+    out = processor.post_process_anomaly_map(anomaly_map, (30, 40))
     assert out.shape == (30, 40) and out.dtype == np.float32
     assert out[:, :15].max() == 0.0 and out[:, 25:].min() == pytest.approx(1.0)  # bilinear: a ramp only near the edge
-    np.testing.assert_allclose(processor.postprocess_anomaly_map(np.full((1, 4, 4), 0.25), (7, 3)), 0.25)
+    np.testing.assert_allclose(processor.post_process_anomaly_map(np.full((1, 4, 4), 0.25), (7, 3)), 0.25)
     with pytest.raises(ValueError, match="expected \\(H, W\\)"):
-        processor.postprocess_anomaly_map(np.zeros((2, 4, 4)), (7, 3))
+        processor.post_process_anomaly_map(np.zeros((2, 4, 4)), (7, 3))
+
+
+def test_deprecated_names_warn_and_give_the_same_result(processor):
+    image = np.zeros((4, 6, 3), np.uint8)
+    mask = np.zeros((4, 6), np.uint8)
+    mask[1, 2] = 255
+    with pytest.warns(FutureWarning, match="segmentation_maps"):
+        old = processor(image, masks=mask)["masks"]
+    torch.testing.assert_close(old, processor(image, segmentation_maps=mask)["masks"])
+    with pytest.raises(ValueError, match="not both"), pytest.warns(FutureWarning):
+        processor(image, segmentation_maps=mask, masks=mask)
+    with pytest.warns(FutureWarning, match="post_process_anomaly_map"):
+        old = processor.postprocess_anomaly_map(np.full((4, 4), 0.5), (7, 3))
+    np.testing.assert_array_equal(old, processor.post_process_anomaly_map(np.full((4, 4), 0.5), (7, 3)))
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -336,7 +350,7 @@ def test_auto_image_processor_loads_remote_code_from_the_saved_dir_only(tmp_path
         processor = AutoImageProcessor.from_pretrained({str(save_dir)!r}, trust_remote_code=True)
         assert type(processor).__name__ == "CNCImageProcessor", type(processor)
         assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
-        out = processor(np.zeros((5, 5, 3), np.uint8), masks=[None])
+        out = processor(np.zeros((5, 5, 3), np.uint8), segmentation_maps=[None])
         print(processor.size, tuple(out["pixel_values"].shape), tuple(out["masks"].shape))
         """
     )

@@ -78,6 +78,29 @@ def test_real_clip_tokenizer_gives_the_stored_ids(clip_bpe_dir):
     assert tokenizer("damaged object", add_special_tokens=False)["input_ids"] == config.abnormal_token_ids
 
 
+def test_config_saved_by_the_earlier_config_class_loads_identically(tmp_path):
+    """tests/data holds a config.json written by CNCConfig before its fields were declared as dataclass
+    fields, and the to_dict of that config loaded by that class: today's class reads it to the same values
+    and writes it back unchanged."""
+    import json
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data"
+    saved = json.loads((data / "cnc_config_v0_1.json").read_text())
+    loaded = json.loads((data / "cnc_config_v0_1.loaded.json").read_text())
+    loaded.pop("transformers_version")
+    for config in (CNCConfig.from_json_file(data / "cnc_config_v0_1.json"),
+                   CNCConfig.from_pretrained(data / "cnc_config_v0_1.json")):
+        now = json.loads(json.dumps(config.to_dict(), default=str))
+        now.pop("transformers_version")
+        assert now == loaded
+        config.save_pretrained(tmp_path)
+        rewritten = json.loads((tmp_path / "config.json").read_text())
+        assert {k: v for k, v in rewritten.items() if k != "transformers_version"} == \
+            {k: v for k, v in saved.items() if k != "transformers_version"}
+    assert CNCConfig.from_json_file(data / "cnc_config_v0_1.json").custom_pipelines == {}  # served by cnc_hf here
+
+
 # ---------------------------------------------------------------- equations by hand
 def test_control_coefficient_and_promotion_by_hand():
     # Eq. (6): Psi = (1 + tanh(alpha - beta)) / 2
@@ -229,6 +252,48 @@ def test_eval_mode_returns_map_at_input_resolution_and_max_score():
     assert out.anomaly_map.shape == (3, 48, 40)
     assert torch.allclose(out.image_score, out.anomaly_map.flatten(1).amax(1))
     assert out.loss is None
+
+
+def test_decoder_attention_follows_attn_implementation_and_eager_equals_sdpa(monkeypatch, tmp_path):
+    """The decoder's attention goes through transformers' attention interface: `set_attn_implementation` /
+    `from_pretrained(attn_implementation=...)` switch it (with CLIP's), and eager and SDPA agree."""
+    from cnc_hf.modeling import decoder as decoder_module
+
+    model = make_model()
+    assert model.config._attn_implementation == "sdpa"
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        sdpa_map = model.eval()(pixel_values=pixel_values).anomaly_map
+        torch.manual_seed(1)
+        sdpa_loss = model.train()(pixel_values=pixel_values, epoch=9).loss
+    calls = []
+    eager = decoder_module.eager_attention_forward
+    monkeypatch.setattr(decoder_module, "eager_attention_forward", lambda *a, **k: calls.append(1) or eager(*a, **k))
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        eager_map = model.eval()(pixel_values=pixel_values).anomaly_map
+        torch.manual_seed(1)
+        eager_loss = model.train()(pixel_values=pixel_values, epoch=9).loss
+    assert len(calls) == 2 * len(model.decoder.blocks)
+    torch.testing.assert_close(eager_map, sdpa_map, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eager_loss, sdpa_loss, atol=1e-4, rtol=1e-5)
+    model.save_pretrained(tmp_path)
+    calls.clear()
+    loaded = CNCModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=pixel_values).anomaly_map, sdpa_map, atol=1e-5, rtol=1e-5)
+    assert len(calls) == len(model.decoder.blocks)
+
+
+def test_forward_takes_grid_and_output_size_with_tapped_features_only():
+    model = make_model().eval()
+    pixel_values = torch.randn(1, 3, 32, 64)
+    with torch.no_grad():
+        direct = model(pixel_values=pixel_values).anomaly_map
+        cached = model(tapped_features=model.encode_image(pixel_values), grid_size=(4, 8), output_size=(32, 64))
+        torch.testing.assert_close(cached.anomaly_map, direct)
+        with pytest.raises(TypeError, match="tapped_features"):
+            model(pixel_values=pixel_values, grid_size=(4, 8))
 
 
 def test_only_cnc_parts_train_and_no_gradient_reaches_clip():

@@ -86,7 +86,7 @@ def test_pipeline_by_task_name_uses_installed_code_and_returns_everything(pipe, 
     with torch.no_grad():
         out = model(**processor(image, return_tensors="pt"))
     assert result["score"] == pytest.approx(float(out.image_score[0]), abs=1e-6)
-    expected_map = processor.postprocess_anomaly_map(out.anomaly_map[0], (45, 70))
+    expected_map = processor.post_process_anomaly_map(out.anomaly_map[0], (45, 70))
     np.testing.assert_allclose(result["anomaly_map"], expected_map, atol=1e-6)
     assert result["is_anomaly"] == (result["score"] >= 2.0)
 

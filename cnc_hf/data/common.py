@@ -425,7 +425,7 @@ class AnomalyCollator:
         if not rows:
             raise ValueError("collate: got an empty batch")
         batch = self.processor(
-            [row["image"] for row in rows], masks=[row.get("mask") for row in rows], return_tensors="pt"
+            [row["image"] for row in rows], segmentation_maps=[row.get("mask") for row in rows], return_tensors="pt"
         )
         return {
             "pixel_values": batch["pixel_values"],
