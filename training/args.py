@@ -104,6 +104,8 @@ class DataArguments:
             raise TrainingSetupError(f"--calibration_fraction must be in [0, 1), got {self.calibration_fraction}")
         if not 0 < self.threshold_quantile <= 1:
             raise TrainingSetupError(f"--threshold_quantile must be in (0, 1], got {self.threshold_quantile}")
+        if self.num_workers < 0:
+            raise TrainingSetupError("--save_every, --num_workers and --heatmaps must be >= 0")
 
 
 @dataclass(kw_only=True)
@@ -210,7 +212,8 @@ FLAG_NAMES = tuple(f.name for cls in ARGUMENT_CLASSES for f in dataclasses.field
 
 def _check_fields(arguments) -> None:
     """What argparse checks on the command line, checked again for values from a config file or code:
-    a choice among the allowed ones, lists as lists, no negative worker count."""
+    a choice among the allowed ones; lists as lists (a tuple given in code would not compare equal to the list a
+    checkpoint's JSON gives back on --resume)."""
     hints = typing.get_type_hints(type(arguments))
     for f in dataclasses.fields(arguments):
         value, kind = getattr(arguments, f.name), hints[f.name]
@@ -221,8 +224,6 @@ def _check_fields(arguments) -> None:
                                      + ", ".join(repr(c) for c in choices) + ")")
         if isinstance(value, tuple):
             setattr(arguments, f.name, list(value))
-    if getattr(arguments, "num_workers", 0) < 0:
-        raise TrainingSetupError("--save_every, --num_workers and --heatmaps must be >= 0")
 
 
 # ----------------------------------------------------------------------------- parsing
