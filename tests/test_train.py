@@ -138,6 +138,8 @@ def test_a_bad_config_file_is_refused_naming_the_key(tmp_path, content, match):
     (tmp_path / "typed.yaml").write_text("dataset: mvtec\noutput_dir: o\nepochs: ten\n")
     with pytest.raises(SystemExit):  # argparse's own check of the value's type, as for the flag
         train.parse_args([str(tmp_path / "typed.yaml")])
+    with pytest.raises(train.TrainingSetupError, match=r"config file .*missing.json"):
+        train.parse_args([str(tmp_path / "missing.json")])
 
 
 def test_the_shipped_run_config_is_the_papers_mvtec_run():

@@ -240,14 +240,14 @@ def make_parser(**kwargs):
 
 def read_config_file(path: str | os.PathLike) -> dict:
     """A run's flags from a .json/.yaml/.yml file (flag names as keys); unknown keys are refused."""
-    path = Path(path)
-    text = path.read_text()
-    if path.suffix == ".json":
-        values = json.loads(text)
-    else:
-        import yaml
+    import yaml
 
-        values = yaml.safe_load(text) or {}
+    path = Path(path)
+    try:
+        text = path.read_text()
+        values = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text) or {}
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise TrainingSetupError(f"config file {path}: {err}") from None
     if not isinstance(values, dict):
         raise TrainingSetupError(f"{path}: expected a mapping of flag names to values, got {type(values).__name__}")
     unknown = sorted(set(values) - set(FLAG_NAMES))
@@ -259,7 +259,10 @@ def read_config_file(path: str | os.PathLike) -> dict:
 
 def parse_args_into_dataclasses(argv=None, parser=None) -> tuple:
     """(DataArguments, ModelArguments, CNCTrainingArguments, EvaluationArguments) from the command line, whose
-    first item may be a config file: its values become the defaults, so flags after it override them."""
+    first item may be a config file: its values become the defaults, so flags after it override them.
+
+    Not HfArgumentParser.parse_yaml_file/parse_json_file: they take the file alone (no flags after it) and
+    skip argparse's type conversion of the values; defaults set on the parser get both."""
     parser = parser or make_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-") and argv[0].lower().endswith(CONFIG_FILE_SUFFIXES):
