@@ -189,7 +189,6 @@ class CNCTrainingArguments:
             raise TrainingSetupError("--report_to tensorboard needs the tensorboard package (pip install tensorboard)")
 
 
-
 @dataclass(kw_only=True)
 class EvaluationArguments:
     _argument_group_name = "evaluation"
