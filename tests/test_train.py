@@ -99,6 +99,64 @@ def test_demo_without_data_dir_says_where_its_images_go(capsys):
     assert f"the demo images go to {Path(train.DEFAULT_DEMO_DIR).resolve()}" in capsys.readouterr().err
 
 
+def test_checkpoints_every_save_every_epochs_and_after_the_last():
+    args = train.parse_args(["--dataset", "visa", "--output_dir", "o", "--epochs", "5", "--save_every", "2"])
+    assert [epoch + 1 for epoch in range(5) if train.saves_after(args, epoch)] == [2, 4, 5]
+    args.save_every = 0
+    assert not any(train.saves_after(args, epoch) for epoch in range(5))
+
+
+# ----------------------------------------------------------------------------- config files
+def test_a_config_file_gives_the_same_run_as_its_flags(tmp_path):
+    import yaml
+
+    args = train.parse_args(["--dataset", "mvtec", "--data_dir", "x", "--output_dir", "o", "--protocol", "paper",
+                             "--no_moe", "--categories", "a", "b", "--config_override", "noise_std=0.05",
+                             "--config_override", "fusion_dropout=0.2", "--resume"])
+    written = train.training_args(args)  # dataclasses.asdict of the argument dataclasses
+    (tmp_path / "run.json").write_text(json.dumps(written))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(written))
+    assert train.parse_args([str(tmp_path / "run.json")]) == args
+    assert train.parse_args([str(tmp_path / "run.yaml")]) == args
+    # Flags after the file override it; a repeatable flag adds to the file's list.
+    later = train.parse_args([str(tmp_path / "run.yaml"), "--epochs", "3", "--output_dir", "p",
+                              "--config_override", "theta=1"])
+    assert (later.epochs, later.output_dir, later.no_moe, later.calibration_fraction) == (3, "p", True, 0.0)
+    assert later.config_override == ["noise_std=0.05", "fusion_dropout=0.2", "theta=1"]
+
+
+@pytest.mark.parametrize("content, match", [
+    ("dataset: mvtec\noutput_dir: o\nlrr: 1\n", r"unknown flag\(s\) lrr"),
+    ("dataset: mvtec\noutput_dir: o\nprotocol: papr\n", r"--protocol: invalid choice 'papr'"),
+    ("dataset: mvtec\noutput_dir: o\nbatch_size: 0\n", r"--batch_size must be positive"),
+    ("- dataset\n", r"expected a mapping"),
+])
+def test_a_bad_config_file_is_refused_naming_the_key(tmp_path, content, match):
+    (tmp_path / "run.yaml").write_text(content)
+    with pytest.raises(train.TrainingSetupError, match=match):
+        train.parse_args([str(tmp_path / "run.yaml")])
+    (tmp_path / "typed.yaml").write_text("dataset: mvtec\noutput_dir: o\nepochs: ten\n")
+    with pytest.raises(SystemExit):  # argparse's own check of the value's type, as for the flag
+        train.parse_args([str(tmp_path / "typed.yaml")])
+    with pytest.raises(train.TrainingSetupError, match=r"config file .*missing.json"):
+        train.parse_args([str(tmp_path / "missing.json")])
+
+
+def test_the_shipped_run_config_is_the_papers_mvtec_run():
+    shipped = train.parse_args([str(train.CONFIGS_DIR / "train_mvtec.yaml"), "--data_dir", "x", "--output_dir", "o"])
+    assert shipped == train.parse_args(["--dataset", "mvtec", "--data_dir", "x", "--output_dir", "o",
+                                        "--cache_features"])
+
+
+def test_the_folder_flags_are_the_shared_ones():
+    import dataclasses
+
+    from cnc_hf.data.folder import FOLDER_FLAGS
+    from cnc_hf_train.args import DataArguments
+
+    assert set(FOLDER_FLAGS) <= {f.name for f in dataclasses.fields(DataArguments)}
+
+
 def test_calibration_holdout_is_per_category_and_disjoint(tiny_data):
     from cnc_hf.data import load_anomaly_dataset
 
@@ -170,6 +228,21 @@ def test_output_dir_runs_in_the_pipeline(trained_run, tiny_data):
     result = pipe(str(next((tiny_data / "rings" / "test" / "noise").glob("*.png"))))
     assert result["is_anomaly"] in (True, False)
     assert result["anomaly_map"].shape == (32, 32)
+
+
+def test_training_args_json_parses_back_to_the_run(trained_run, tiny_data, tiny_clip_dir):
+    from cnc_hf.hub import _PRIVATE_ARGS
+    from cnc_hf_train.args import FLAG_NAMES
+
+    out, _ = trained_run
+    saved = out / "training_args.json"
+    published = {name for name in FLAG_NAMES if name not in _PRIVATE_ARGS and not name.endswith("_dir")}
+    assert set(json.loads(saved.read_text())) == published  # every flag but the machine-specific ones
+    given = argv(tiny_data, tiny_clip_dir, out, "--heatmaps", "3", "--save_every", "1", "--save_total_limit", "1",
+                 "--report_to", "tensorboard")
+    machine = ["--data_dir", str(tiny_data), "--clip_model", str(tiny_clip_dir), "--output_dir", str(out),
+               "--num_workers", "0", "--no_progress", "--report_to", "tensorboard"]
+    assert train.parse_args([str(saved), *machine]) == train.parse_args(given)
 
 
 # ----------------------------------------------------------------------------- resume, cache, precision
