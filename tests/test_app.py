@@ -23,7 +23,7 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import tiny_cnc_config
+from tiny_models import tiny_cnc_config
 
 gr = pytest.importorskip("gradio", reason="the app needs gradio: pip install -e '.[app]'")
 

@@ -12,7 +12,7 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import tiny_cnc_config
+from tiny_models import tiny_cnc_config
 from cnc_hf.modeling import CNCModel
 from cnc_hf.modeling.category import embed, prototypes_from, recognise
 from cnc_hf.modeling.decision import decide

@@ -74,7 +74,7 @@ def test_predict_writes_heat_maps_and_scores_like_the_pipeline(tmp_path, capsys)
     from cnc_hf.modeling import CNCModel
     from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
 
-    from conftest import tiny_cnc_config
+    from tiny_models import tiny_cnc_config
 
     torch.manual_seed(0)
     model = CNCModel(tiny_cnc_config(threshold=0.5)).eval()
@@ -111,7 +111,7 @@ def test_predict_never_overwrites_images_that_share_a_name(tmp_path):
     from cnc_hf.modeling import CNCModel
     from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
     from cnc_hf.pipeline import AnomalyMapPipeline, save_model_dir
-    from conftest import tiny_cnc_config
+    from tiny_models import tiny_cnc_config
 
     torch.manual_seed(0)
     model = CNCModel(tiny_cnc_config(threshold=0.5)).eval()

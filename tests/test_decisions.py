@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_cnc_config
+from tiny_models import tiny_cnc_config
 from cnc_hf.evaluation import category_decisions, threshold_decisions
 from cnc_hf.modeling import CNCConfig, CNCModel
 from cnc_hf.modeling.configuration_cnc import threshold_for

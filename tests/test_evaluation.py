@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from tiny_models import REPO_ROOT
 from train_fixtures import write_folder_layout, write_mvtec_layout
 
 
@@ -223,6 +223,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_gather_exactly_the_test_set(model_dir, dataset, tmp_path):
     """9 test images, 2 processes, batch 2: the last batch is padded; gather_for_metrics drops the
     duplicates, so the metrics equal the single-process ones."""

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from conftest import tiny_cnc_config
+from tiny_models import tiny_cnc_config
 from cnc_hf.modeling import CNCModel
 from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
 from cnc_hf.modeling.pipeline_cnc import HEATMAP_MAX_SIDE, AnomalyMapPipeline, _describe, _fit_within

@@ -24,7 +24,7 @@ from cnc_hf.pipeline import save_model_dir
 from cnc_hf.modeling import CNCModel
 from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
 
-from conftest import BLOCK_CNC_PACKAGES, REPO_ROOT, tiny_cnc_config
+from tiny_models import BLOCK_CNC_PACKAGES, REPO_ROOT, tiny_cnc_config
 
 CODE_FILES = ["anomaly_map.py", "configuration_cnc.py", "decoder.py", "fusion.py", "heatmap.py", "image_processing_cnc.py",
               "joint_space.py", "losses.py", "modeling_cnc.py", "moe.py", "normality.py", "pipeline_cnc.py", "prompts.py"]

@@ -17,7 +17,7 @@ from cnc_hf.modeling.losses import constraint_loss, distillation_loss, normality
 from cnc_hf.modeling.moe import GatedMixtureOfExperts, importance_loss, route_top_k
 from cnc_hf.modeling.normality import control_coefficient, normality_promotion
 
-from conftest import BLOCK_CNC_PACKAGES, tiny_clip_config, tiny_cnc_config
+from tiny_models import BLOCK_CNC_PACKAGES, tiny_clip_config, tiny_cnc_config
 
 
 def make_model(seed=0, **overrides):

@@ -16,7 +16,7 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import REPO_ROOT, tiny_cnc_config
+from tiny_models import REPO_ROOT, tiny_cnc_config
 from cnc_hf import cli
 from cnc_hf.modeling import CNCModel
 from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from tiny_models import REPO_ROOT
+
+pytestmark = pytest.mark.slow  # builds and installs the wheel
 
 # What pyproject.toml builds from; copied so that the build leaves nothing behind in the checkout.
 SOURCES = ("pyproject.toml", "README.md", "LICENSE", "cnc_hf", "modeling", "training", "model_cards")

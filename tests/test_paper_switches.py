@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from conftest import tiny_cnc_config
+from tiny_models import tiny_cnc_config
 from cnc_hf.modeling import CNCConfig, CNCModel
 from cnc_hf.modeling.normality import control_coefficient, normality_promotion
 from cnc_hf_train import train

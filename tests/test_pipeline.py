@@ -21,8 +21,8 @@ from cnc_hf.pipeline import AnomalyMapPipeline, save_model_dir
 from cnc_hf.modeling import CNCModel
 from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
 from cnc_hf.modeling.pipeline_cnc import HEATMAP_MAX_SIDE, jet_colormap, overlay_heatmap
-from conftest import BLOCK_CNC_PACKAGES as BLOCK_PACKAGE
-from conftest import tiny_cnc_config
+from tiny_models import BLOCK_CNC_PACKAGES as BLOCK_PACKAGE
+from tiny_models import tiny_cnc_config
 
 TASK = "image-anomaly-detection"
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, tiny_cnc_config
+from tiny_models import REPO_ROOT, tiny_cnc_config
 from test_train import argv, log_records, reset_accelerate, trainable_weights
 from train_fixtures import write_mvtec_layout
 from cnc_hf_train import train
@@ -56,6 +56,7 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- SIGKILL, then --resume
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path, tiny_clip_dir):
     """Kill -9 a real training process half-way through epoch 3 (checkpoint 2 written), resume: the run
     finishes and its weights equal those of a run that was never interrupted."""
@@ -267,6 +268,8 @@ TWO_PROCESS_NAN = """
 """
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_a_nonfinite_loss_on_one_process_stops_every_process(tmp_path):
     """DDP: the other processes must stop at the same step, not wait forever in the gradient all-reduce."""
     from test_train import _free_port
@@ -517,6 +520,7 @@ def test_overwrite_output_dir_removes_the_previous_model_before_training(tmp_pat
     assert (folder / "config.json").exists() and (folder / "setup.py").exists()
 
 
+@pytest.mark.slow
 def test_concurrent_saves_into_one_folder_never_mix_and_a_torn_commit_list_is_dropped(tmp_path):
     import threading
 

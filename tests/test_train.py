@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT
+from tiny_models import REPO_ROOT
 from train_fixtures import write_folder_layout, write_mvtec_layout
 from cnc_hf_train import train
 from cnc_hf_train.checkpointing import META_NAME, latest_checkpoint, list_checkpoints
@@ -378,7 +378,7 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatc
     were written: no CLIP in checkpoints)."""
     from accelerate import Accelerator
 
-    from conftest import tiny_cnc_config
+    from tiny_models import tiny_cnc_config
     from cnc_hf.modeling import CNCModel
     from cnc_hf_train import checkpointing
 
@@ -604,6 +604,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_cpu_processes_train_and_evaluate_every_test_image_once(tmp_path, tiny_clip_dir):
     """training/configs/ddp_cpu_2proc.yaml (= `--multi_gpu --num_processes 2`) + `--cpu`: two gloo
     processes (the plain `--cpu --num_processes 2` launch silently runs one). 9 test images over 2 processes with batch 2
