@@ -30,7 +30,8 @@ Which rule decides, said on the page:
   for an image of no known category), times the slider's factor: `score >= factor x threshold`,
   1.0 = as calibrated. The slider never replaces the per-category thresholds by one number. Heat
   maps are coloured as the pipeline colours them: blue = 0, green = the image's own threshold, red =
-  twice it.
+  twice it. A menu names the category of the upload (the pipeline's `category=`) for a model that
+  cannot recognise it from the image or a user who knows it; by default the pipeline recognises it.
 """
 
 # No `from __future__ import annotations`: Gradio reads the `evt: gr.SelectData` annotation at
@@ -52,6 +53,7 @@ TASK = "image-anomaly-detection"
 SCORE_DIGITS = 6  # the table shows scores with this many decimals (the browser test compares them)
 MAX_FILES = 32  # per upload: bounds the work (and the maps kept in memory) of one request
 MAX_EXAMPLES = 12
+RECOGNISE = "recognise it from each image"  # the category menu's first choice: the pipeline names it
 RAW_MAP_SIDE = 384  # display size of the deprecated raw map (the long side)
 PANEL_TILE = 256  # tile side of the selected image's panel (image | heat map)
 FACTOR_DIGITS = 3  # the per-category slider moves a factor in steps of 10 ** -FACTOR_DIGITS
@@ -193,8 +195,12 @@ def _small(image: PIL.Image.Image) -> PIL.Image.Image:
     return small
 
 
-def score_files(detector, paths: Sequence[str], heatmap_range: tuple[float, float] | None) -> tuple[list, list[str]]:
+def score_files(detector, paths: Sequence[str], heatmap_range: tuple[float, float] | None,
+                category: str | None = None) -> tuple[list, list[str]]:
     """Run the pipeline on each file on its own, so that one unreadable file does not fail the rest.
+
+    `category`: the product category of every image (the pipeline's `category=`); None: the pipeline
+    recognises each image's category where the model can.
 
     Returns (results, errors): results are dicts {name, score, anomaly_map, heatmap, image (a small
     copy of the input), category, threshold, threshold_source (the pipeline's, see `image_threshold`),
@@ -204,8 +210,9 @@ def score_files(detector, paths: Sequence[str], heatmap_range: tuple[float, floa
     results, errors = [], []
     for path in paths:
         name = _display_name(path)
+        kwargs = {k: v for k, v in (("heatmap_range", heatmap_range), ("category", category)) if v}
         try:
-            out = detector(path, heatmap_range=heatmap_range) if heatmap_range else detector(path)
+            out = detector(path, **kwargs)
         except ValueError as err:  # the pipeline's message for unusable inputs
             # Keep the innermost reason ("cannot identify image file ..."), named by the upload's own name.
             reason = str(err).replace(str(path), name).rsplit(": ", 1)[-1]
@@ -399,8 +406,9 @@ def build_app(model_or_dir: Any, threshold: float | None = None, examples: Any =
             return [r["score"] for r in results]
         return [r["score"] / r["threshold"] for r in results if r["threshold"]]
 
-    def score(paths, current, session_start):
-        """Upload -> scores, decisions, heat maps, the first image's panel."""
+    def score(paths, current, session_start, category):
+        """Upload (or another category chosen) -> scores, decisions, heat maps, the first image's panel."""
+        category = None if category in (None, RECOGNISE) else category
         paths = [p if isinstance(p, str) else getattr(p, "name", str(p)) for p in (paths or [])]
         if not paths:
             return [], [], [], None, "", gr.update(), session_start
@@ -408,7 +416,7 @@ def build_app(model_or_dir: Any, threshold: float | None = None, examples: Any =
         if len(paths) > MAX_FILES:
             notes.append(f"only the first {MAX_FILES} of {len(paths)} files were scored (one upload is capped)")
             paths = paths[:MAX_FILES]
-        results, errors = score_files(detector, paths, heatmap_range)
+        results, errors = score_files(detector, paths, heatmap_range, category)
         errors = notes + errors
         for error in errors:
             gr.Warning(error)
@@ -461,6 +469,12 @@ def build_app(model_or_dir: Any, threshold: float | None = None, examples: Any =
                 threshold_slider = gr.Slider(0.0, slider_max, value=start if start is not None else 0.0, step=step,
                                              label=label, elem_id="threshold")
                 gr.Markdown(f"Decision rule: {rule['source']}.", elem_id="threshold-source")
+                if per_category:  # the caller's category=, for a model that cannot recognise it or a known line
+                    category_menu = gr.Dropdown([RECOGNISE] + sorted(config.category_thresholds), value=RECOGNISE,
+                                           label="Category of the images (scores them again when changed)",
+                                           elem_id="category")
+                else:
+                    category_menu = gr.State(None)
                 if example_paths:
                     gr.Examples(examples=[[example_paths]] + [[[p]] for p in example_paths], inputs=[files],
                                 label="Examples (the first row: all of them)", examples_per_page=MAX_EXAMPLES + 1)
@@ -474,9 +488,11 @@ def build_app(model_or_dir: Any, threshold: float | None = None, examples: Any =
                                  type="pil", interactive=False, elem_id="selected")
         results_state, session_start, selected = gr.State([]), gr.State(None), gr.State(0)
 
-        files.change(score, [files, threshold_slider, session_start],
-                     [results_state, table, gallery, panel, status, threshold_slider, session_start]
-                     ).then(lambda: 0, None, selected)
+        outputs = [results_state, table, gallery, panel, status, threshold_slider, session_start]
+        files.change(score, [files, threshold_slider, session_start, category_menu], outputs).then(lambda: 0, None, selected)
+        if per_category:
+            category_menu.change(score, [files, threshold_slider, session_start, category_menu], outputs
+                            ).then(lambda: 0, None, selected)
         threshold_slider.change(redecide, [results_state, threshold_slider, selected], [table, status, panel])
         gallery.select(select, [results_state, threshold_slider], [panel, selected])
         table.select(select, [results_state, threshold_slider], [panel, selected])

@@ -260,11 +260,16 @@ def test_the_slider_moves_a_factor_on_each_images_own_threshold(category_detecto
     slider = _component(app, "threshold")
     assert slider.value == 1.0 and "factor" in slider.label
     assert "own category's calibrated threshold" in _component(app, "threshold-source").value
+    menu = _component(app, "category")  # the caller's category=, for all images of the upload
+    assert [c[0] for c in menu.choices] == [cnc_app.RECOGNISE, *sorted(COLOURS)] and menu.value == cnc_app.RECOGNISE
+    (named,), _ = cnc_app.score_files(pipe, [str(category_images / "noise.png")], None, category=high)
+    assert (named["category"], named["threshold"], named["threshold_source"]) == (high, own[high], "category")
     # threshold= at start wins, as the pipeline's threshold= does: one threshold for all, said so.
     app = cnc_app.build_app(pipe, threshold=0.5)
     assert _component(app, "threshold").value == 0.5 and "one threshold for all" in _component(
         app, "threshold-source").value
     assert not cnc_app.starting_rule(pipe, threshold=0.5)["per_category"]
+    assert not any(getattr(block, "elem_id", None) == "category" for block in app.blocks.values())
 
 
 def test_the_panel_is_the_figures_renderers_output(category_detector, category_images):
