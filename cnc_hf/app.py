@@ -440,7 +440,8 @@ def build_app(model_or_dir: Any, threshold: float | None = None, examples: Any =
         results = results or []
         panel = selected_panel(results[selected], current, per_category) if results and selected < len(results) \
             else None
-        return results_table(results, current, per_category), summary_markdown(results, current, (), per_category), panel
+        table_rows = results_table(results, current, per_category)
+        return table_rows, summary_markdown(results, current, (), per_category), panel
 
     def select(results, current, evt: gr.SelectData):
         """A heat map or a table row was clicked: show that image's panel."""
@@ -489,10 +490,10 @@ def build_app(model_or_dir: Any, threshold: float | None = None, examples: Any =
         results_state, session_start, selected = gr.State([]), gr.State(None), gr.State(0)
 
         outputs = [results_state, table, gallery, panel, status, threshold_slider, session_start]
-        files.change(score, [files, threshold_slider, session_start, category_menu], outputs).then(lambda: 0, None, selected)
+        inputs = [files, threshold_slider, session_start, category_menu]
+        files.change(score, inputs, outputs).then(lambda: 0, None, selected)
         if per_category:
-            category_menu.change(score, [files, threshold_slider, session_start, category_menu], outputs
-                            ).then(lambda: 0, None, selected)
+            category_menu.change(score, inputs, outputs).then(lambda: 0, None, selected)
         threshold_slider.change(redecide, [results_state, threshold_slider, selected], [table, status, panel])
         gallery.select(select, [results_state, threshold_slider], [panel, selected])
         table.select(select, [results_state, threshold_slider], [panel, selected])

@@ -3,8 +3,8 @@
 Most tests call the app's functions directly. `test_app_in_headless_chromium` starts the real
 command (`cnc-hf app`) on 127.0.0.1 and drives Debian's Chromium with Playwright: a non-image
 upload gets a readable error and the app keeps serving, the score and threshold shown equal the
-pipeline's, the heat maps and the selected image's panel are displayed, the slider re-decides. Set CNC_HF_APP_SCREENSHOT=path to also
-save its screenshot there (docs/app_screenshot.png is made that way).
+pipeline's, the heat maps and the selected image's panel are displayed, the slider re-decides. Set
+CNC_HF_APP_SCREENSHOT=path to also save its screenshot there (docs/app_screenshot.png is made that way).
 """
 
 from __future__ import annotations
@@ -288,7 +288,8 @@ def test_the_panel_is_the_figures_renderers_output(category_detector, category_i
     assert np.array_equal(np.asarray(panel), np.asarray(render_examples([example], tile=cnc_app.PANEL_TILE,
                                                                         value_range=value_range)))
     lines = caption_lines(cnc_app.panel_example(result, 0.5, per_category=True))
-    assert lines[0] == f"{low} / {low}.png" and f"vs threshold {threshold:.3f} (category x 0.500) -> ANOMALY" in lines[1]
+    assert lines[0] == f"{low} / {low}.png"
+    assert f"vs threshold {threshold:.3f} (category x 0.500) -> ANOMALY" in lines[1]
     assert cnc_app.panel_value_range(result, 1.0, per_category=True) is None  # at 1.0: 0 / threshold / 2x labels
     # Where cnc_hf is not installed (a Space) the panel is the pipeline's heat map itself.
     original = cnc_app._figures
