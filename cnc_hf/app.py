@@ -3,22 +3,35 @@
     pip install -e ".[app]"
     cnc-hf app --model demo_output/model            # or a Hub id; http://127.0.0.1:7860
 
-Drop in one or several images and get, per image, the anomaly score, the decision at a threshold
-(a slider, starting at the model's calibrated threshold), the heat-map overlay and the raw anomaly
-map of the selected image. Moving the slider re-decides from the scores already computed; the
-model runs only when images are uploaded. A file that is not an image gets a readable message in
-the page, and the other files of the same upload are still scored.
+Drop in one or several images and get, per image, the anomaly score, its category, the threshold
+that decides it and the decision, the heat-map overlays, and a labelled panel of the selected image
+(image | heat map, caption with category, score, threshold and decision, colour bar), drawn by
+`cnc_hf.figures.render_examples`, the renderer of the demo gallery, `evaluate --heatmaps` and the
+model card. Moving the slider re-decides from the scores already computed; the model runs only
+when images are uploaded. A file that is not an image gets a readable message in the page, and the
+other files of the same upload are still scored.
 
 This file is also the app of a Hugging Face Space (`cnc_hf.space.write_space_files` copies it
 verbatim as `cnc_app.py`). That is why it imports only gradio, numpy, PIL and transformers at
 module level: in a Space cnc-hf is not installed and the model's own code comes from the model
-repo (`trust_remote_code=True`). cnc_hf is imported lazily, only where it is installed.
+repo (`trust_remote_code=True`). cnc_hf is imported lazily, only where it is installed; without it
+(a Space) the selected image's view is the pipeline's heat map alone, its numbers in the table.
 
-Threshold, in this order: `threshold=` (`--threshold`), the model's `config.threshold` (calibrated
-on held-out normal images by cnc-hf's trainer), the median score of the example images, the
-median score of the first upload. The page says which one it uses.
-Heat-map colours are fixed for the whole app so that images compare: blue = 0, green = that
-starting threshold, red = twice it (the pipeline's own scale); they do not follow the slider.
+Which rule decides, said on the page:
+- One threshold for all images (a model without `config.category_thresholds`, or `threshold=`
+  given, which wins as in the pipeline's `threshold=`): the slider is that threshold, `score >=
+  slider`. It starts at, in this order: `threshold=` (`--threshold`), the model's
+  `config.threshold` (calibrated on held-out normal images by cnc-hf's trainer), the median score
+  of the example images, the median score of the first upload. Heat-map colours are fixed for the
+  whole app so that images compare: blue = 0, green = that starting threshold, red = twice it (the
+  pipeline's own scale); they do not follow the slider.
+- Per category (a model with `config.category_thresholds`): each image is decided at its own
+  threshold, as the pipeline decides it (its category's calibrated one; the pooled `config.threshold`
+  for an image of no known category), times the slider's factor: `score >= factor x threshold`,
+  1.0 = as calibrated. The slider never replaces the per-category thresholds by one number. Heat
+  maps are coloured as the pipeline colours them: blue = 0, green = the image's own threshold, red =
+  twice it. A menu names the category of the upload (the pipeline's `category=`) for a model that
+  cannot recognise it from the image or a user who knows it; by default the pipeline recognises it.
 """
 
 # No `from __future__ import annotations`: Gradio reads the `evt: gr.SelectData` annotation at
@@ -40,9 +53,13 @@ TASK = "image-anomaly-detection"
 SCORE_DIGITS = 6  # the table shows scores with this many decimals (the browser test compares them)
 MAX_FILES = 32  # per upload: bounds the work (and the maps kept in memory) of one request
 MAX_EXAMPLES = 12
-RAW_MAP_SIDE = 384  # display size of the raw map (the long side)
+RECOGNISE = "recognise it from each image"  # the category menu's first choice: the pipeline names it
+RAW_MAP_SIDE = 384  # display size of the deprecated raw map (the long side)
+PANEL_TILE = 256  # tile side of the selected image's panel (image | heat map)
+FACTOR_DIGITS = 3  # the per-category slider moves a factor in steps of 10 ** -FACTOR_DIGITS
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 DECISIONS = {True: "ANOMALY", False: "normal", None: "-"}
+TABLE_HEADERS = ["image", "category", "score", "threshold", "decision"]
 
 
 # --------------------------------------------------------------------------- model and examples
@@ -135,22 +152,67 @@ def decide(score: float, threshold: float | None) -> bool | None:
     return None if threshold is None else bool(score >= threshold)
 
 
+def image_threshold(result: dict, current: float | None, per_category: bool = False) -> float | None:
+    """The threshold that decides one image in the app.
+
+    One threshold for all (`per_category=False`): the slider's value `current`. Per category: the
+    image's own threshold as the pipeline chose it (`result["threshold"]`: its category's calibrated
+    one, else the pooled one) times the slider's factor `current`; None when either is missing.
+    """
+    if not per_category:
+        return current
+    if current is None or result.get("threshold") is None:
+        return None
+    return float(result["threshold"]) * float(current)
+
+
 def _display_name(path: str) -> str:
     # Gradio keeps the uploaded file's own name as the last path part (in a per-upload folder).
     return Path(path).name
 
 
-def score_files(detector, paths: Sequence[str], heatmap_range: tuple[float, float] | None) -> tuple[list, list[str]]:
+def _figures():
+    """`cnc_hf.figures`, the one renderer of results; None where cnc_hf is not installed (a Space)."""
+    try:
+        from cnc_hf import figures
+    except ImportError:
+        return None
+    return figures
+
+
+def _thumbnail(path: str) -> PIL.Image.Image | None:
+    """The input image, small (the panel's tile), read as the pipeline reads it where cnc_hf is installed."""
+    try:
+        from cnc_hf.modeling.image_processing_cnc import load_rgb
+    except ImportError:  # a Space: the panel shows the heat map only, so the input is not needed
+        return None
+    return _small(load_rgb(path))
+
+
+def _small(image: PIL.Image.Image) -> PIL.Image.Image:
+    small = image.copy()
+    small.thumbnail((PANEL_TILE, PANEL_TILE))
+    return small
+
+
+def score_files(detector, paths: Sequence[str], heatmap_range: tuple[float, float] | None,
+                category: str | None = None) -> tuple[list, list[str]]:
     """Run the pipeline on each file on its own, so that one unreadable file does not fail the rest.
 
-    Returns (results, errors): results are dicts {name, score, anomaly_map, heatmap}; errors are
-    readable one-line messages naming the file (without the server's temp path).
+    `category`: the product category of every image (the pipeline's `category=`); None: the pipeline
+    recognises each image's category where the model can.
+
+    Returns (results, errors): results are dicts {name, score, anomaly_map, heatmap, image (a small
+    copy of the input), category, threshold, threshold_source (the pipeline's, see `image_threshold`),
+    colour_range (what the heat map's blue..red spans; None: the map's own min..max), map_range (the
+    map's min, max)}; errors are readable one-line messages naming the file (without the server's temp path).
     """
     results, errors = [], []
     for path in paths:
         name = _display_name(path)
+        kwargs = {k: v for k, v in (("heatmap_range", heatmap_range), ("category", category)) if v}
         try:
-            out = detector(path, heatmap_range=heatmap_range) if heatmap_range else detector(path)
+            out = detector(path, **kwargs)
         except ValueError as err:  # the pipeline's message for unusable inputs
             # Keep the innermost reason ("cannot identify image file ..."), named by the upload's own name.
             reason = str(err).replace(str(path), name).rsplit(": ", 1)[-1]
@@ -159,25 +221,48 @@ def score_files(detector, paths: Sequence[str], heatmap_range: tuple[float, floa
         except Exception as err:  # noqa: BLE001  keep serving; say what happened
             errors.append(f"{name}: could not be scored ({type(err).__name__}: {err})")
             continue
+        threshold = out.get("threshold")
+        # The pipeline's colour scale: the given range, else 0..2x the threshold that decided, else min..max.
+        colour_range = heatmap_range or ((0.0, 2.0 * threshold) if threshold is not None and threshold > 0 else None)
+        amap = np.asarray(out["anomaly_map"], dtype=np.float32)
         results.append({"name": name, "score": float(out["score"]), "anomaly_map": out["anomaly_map"],
-                        "heatmap": out["heatmap"]})
+                        "heatmap": out["heatmap"], "image": _thumbnail(path),
+                        "category": out.get("category"), "threshold": threshold,
+                        "threshold_source": out.get("threshold_source"), "colour_range": colour_range,
+                        "map_range": (float(np.nanmin(amap)), float(np.nanmax(amap)))})
     return results, errors
 
 
-def results_table(results: Sequence[dict], threshold: float | None) -> list[list[str]]:
-    return [[r["name"], format_score(r["score"]), DECISIONS[decide(r["score"], threshold)]] for r in results]
+def results_table(results: Sequence[dict], threshold: float | None, per_category: bool = False) -> list[list[str]]:
+    """Rows of TABLE_HEADERS: image, category ("-": none named), score, the threshold that decides it, decision."""
+    rows = []
+    for r in results:
+        t = image_threshold(r, threshold, per_category)
+        rows.append([r["name"], r.get("category") or "-", format_score(r["score"]),
+                     "-" if t is None else format_score(t), DECISIONS[decide(r["score"], t)]])
+    return rows
 
 
-def summary_markdown(results: Sequence[dict], threshold: float | None, errors: Sequence[str] = ()) -> str:
-    """The status line above the results: counts at the threshold, then any per-file errors."""
+def rule_text(threshold: float | None, per_category: bool = False) -> str:
+    """Which rule decides, in words (the summary line and the panel's caption say it)."""
+    if per_category:
+        return f"each image's own threshold x {threshold:.{FACTOR_DIGITS}f} (1.0 = as calibrated)"
+    return f"threshold {format_score(threshold)}"
+
+
+def summary_markdown(results: Sequence[dict], threshold: float | None, errors: Sequence[str] = (),
+                     per_category: bool = False) -> str:
+    """The status line above the results: counts at the threshold (or the factor), then any per-file errors."""
     lines = []
     if results:
-        flagged = sum(bool(decide(r["score"], threshold)) for r in results)
-        if threshold is None:
+        decisions = [decide(r["score"], image_threshold(r, threshold, per_category)) for r in results]
+        flagged, undecided = sum(d is True for d in decisions), sum(d is None for d in decisions)
+        if undecided == len(results):
             lines.append(f"Scored {len(results)} image(s); no threshold yet, so no decision.")
         else:
-            lines.append(f"Scored {len(results)} image(s): **{flagged} anomalous**, {len(results) - flagged} normal "
-                         f"at threshold {format_score(threshold)}.")
+            line = (f"Scored {len(results)} image(s): **{flagged} anomalous**, {len(results) - flagged - undecided} "
+                    f"normal at {rule_text(threshold, per_category)}")
+            lines.append(line + (f"; {undecided} without a threshold (no decision)." if undecided else "."))
     for error in errors:
         lines.append(f"**Error**: {error}")
     if errors and not results:
@@ -185,37 +270,67 @@ def summary_markdown(results: Sequence[dict], threshold: float | None, errors: S
     return "\n\n".join(lines)
 
 
+def panel_example(result: dict, threshold: float | None, per_category: bool = False):
+    """The selected image as a `cnc_hf.figures.Example`, decided by the app's rule (the slider's)."""
+    from cnc_hf.figures import Example
+
+    t = image_threshold(result, threshold, per_category)
+    if t is None:
+        source = None
+    elif per_category:  # "threshold x factor", with where the image's own threshold came from
+        source = f"{result.get('threshold_source') or 'own'} x {threshold:.{FACTOR_DIGITS}f}"
+    else:
+        source = "slider"
+    return Example(image=result["image"], overlay=result["heatmap"], score=float(result["score"]), threshold=t,
+                   threshold_source=source, is_anomaly=decide(result["score"], t), category=result.get("category"),
+                   name=result["name"])
+
+
+def panel_value_range(result: dict, threshold: float | None, per_category: bool = False):
+    """`value_range` for the panel's colour bar: None when the heat map spans 0..2x the deciding threshold
+    (the bar then says "threshold" at its middle), else the numbers the colours really span."""
+    t = image_threshold(result, threshold, per_category)
+    colour_range = result.get("colour_range")
+    if colour_range is None:  # coloured by the map's own min..max
+        return None if t is None else tuple(result["map_range"])
+    if t is not None and math.isclose(colour_range[0], 0.0, abs_tol=1e-12) and math.isclose(colour_range[1], 2 * t):
+        return None
+    return tuple(colour_range)
+
+
+def selected_panel(result: dict, threshold: float | None, per_category: bool = False) -> PIL.Image.Image:
+    """The selected image's view: `cnc_hf.figures.render_examples` of its `panel_example` (image | heat map,
+    caption, colour bar). Without cnc_hf (a Space) the pipeline's heat map alone; the table has its numbers."""
+    figures = _figures()
+    if figures is None:
+        return result["heatmap"]
+    return figures.render_examples([panel_example(result, threshold, per_category)], tile=PANEL_TILE,
+                                   value_range=panel_value_range(result, threshold, per_category))
+
+
 def render_raw_map(anomaly_map: np.ndarray, threshold: float | None = None, max_side: int = RAW_MAP_SIDE) -> PIL.Image.Image:
-    """The anomaly map as grayscale (black = its minimum, white = its maximum) above a legend bar.
+    """Deprecated: the app shows `selected_panel` (`cnc_hf.figures.render_examples`) instead of a raw map.
 
-    The legend prints the minimum and maximum values and marks the threshold (red tick) when it
-    falls inside that range, so the raw numbers can be read off the picture.
+    The map alone, coloured as the pipeline colours it (blue = 0, green = `threshold`, red = twice it;
+    without a threshold its own min..max), above `cnc_hf.figures.colour_bar`.
     """
-    amap = np.nan_to_num(np.asarray(anomaly_map, dtype=np.float32))
-    low, high = float(amap.min()), float(amap.max())
-    span = high - low
-    gray = ((amap - low) / span * 255.0) if span > 0 else np.zeros_like(amap)
-    image = PIL.Image.fromarray(np.round(gray).astype(np.uint8), "L")
-    scale = min(1.0, max_side / max(image.size)) if max(image.size) > max_side else max_side / max(image.size)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    # Upscaling a small map: nearest keeps the model's patches visible instead of blurring them.
-    resample = PIL.Image.Resampling.NEAREST if scale > 1 else PIL.Image.Resampling.BILINEAR
-    image = image.resize(size, resample).convert("RGB")
+    import warnings
 
-    bar_height, text_height, pad = 14, 16, 4
-    canvas = PIL.Image.new("RGB", (image.width, image.height + pad + bar_height + text_height), "white")
-    canvas.paste(image, (0, 0))
-    ramp = np.tile(np.linspace(0, 255, image.width, dtype=np.float32).round().astype(np.uint8), (bar_height, 1))
-    canvas.paste(PIL.Image.fromarray(ramp, "L").convert("RGB"), (0, image.height + pad))
-    draw = PIL.ImageDraw.Draw(canvas)
-    font = PIL.ImageFont.load_default()
-    text_y = image.height + pad + bar_height + 2
-    draw.text((2, text_y), f"min {format_score(low)}", fill="black", font=font)
-    right = f"max {format_score(high)}"
-    draw.text((image.width - 2 - draw.textlength(right, font=font), text_y), right, fill="black", font=font)
-    if threshold is not None and span > 0 and low <= threshold <= high:
-        x = round((threshold - low) / span * (image.width - 1))
-        draw.line([(x, image.height + pad - 2), (x, image.height + pad + bar_height)], fill="red", width=3)
+    from cnc_hf.figures import colour_bar
+    from cnc_hf.modeling.heatmap import overlay_heatmap
+
+    warnings.warn("cnc_hf.app.render_raw_map is deprecated and will be removed; the app draws the selected image "
+                  "with cnc_hf.figures.render_examples (see cnc_hf.app.selected_panel)", FutureWarning, stacklevel=2)
+    amap = np.nan_to_num(np.asarray(anomaly_map, dtype=np.float32))
+    scale = max_side / max(amap.shape)
+    size = (max(1, round(amap.shape[1] * scale)), max(1, round(amap.shape[0] * scale)))
+    known = threshold is not None and threshold > 0
+    coloured = overlay_heatmap(PIL.Image.new("RGB", size), amap, (0.0, 2.0 * threshold) if known else None,
+                               alpha=1.0, max_side=max(size))
+    bar = colour_bar(coloured.width, thresholds_known=known)
+    canvas = PIL.Image.new("RGB", (coloured.width, coloured.height + 4 + bar.height), "white")
+    canvas.paste(coloured, (0, 0))
+    canvas.paste(bar, (0, coloured.height + 4))
     return canvas
 
 
@@ -229,23 +344,20 @@ def slider_limit(values: Sequence[float]) -> float:
 
 
 # --------------------------------------------------------------------------- the app
-def build_app(model_or_dir: Any, threshold: float | None = None, examples: Any = None,
-              trust_remote_code: bool = False, device: Any = None, title: str | None = None):
-    """Build (not launch) the Gradio app for a model dir, Hub id, CNCModel or anomaly-map pipeline.
+def starting_rule(detector, threshold: float | None = None, example_paths: Sequence[str] = ()) -> dict:
+    """Which rule decides in the app, and where the slider starts (said on the page).
 
-    `examples`: a folder or a list of image paths shown as clickable examples (None: none).
-    `trust_remote_code=True` runs the code saved with the model instead of the installed cnc_hf
-    (what a Space does). Returns a `gr.Blocks`; call `.launch()` on it.
+    Returns {per_category, start, source, heatmap_range, slider_max}. Per category when the model has
+    `config.category_thresholds` and no `threshold=` overrides them (the pipeline's precedence): the
+    slider is a factor on each image's own threshold, starting at 1.0. Otherwise one threshold for all,
+    starting at `threshold=`, `config.threshold`, or a median score (see the module docstring).
     """
-    import gradio as gr
-
-    detector = load_detector(model_or_dir, trust_remote_code=trust_remote_code, device=device)
-    example_paths = find_examples(examples)
     config = detector.model.config
-    model_name = os.fspath(model_or_dir) if isinstance(model_or_dir, (str, os.PathLike)) else \
-        getattr(config, "_name_or_path", "") or type(detector.model).__name__
-
-    # The starting threshold and where it comes from (said on the page).
+    if threshold is None and getattr(config, "category_thresholds", None):
+        return {"per_category": True, "start": 1.0, "heatmap_range": None, "slider_max": slider_limit([2.0]),
+                "source": "each image is decided at its own category's calibrated threshold "
+                          "(config.category_thresholds; the pooled config.threshold for an image of no known "
+                          "category) times this factor: 1.0 = as calibrated, below 1 flags more, above 1 fewer"}
     calibrated = getattr(config, "threshold", None)
     if threshold is not None:
         start, source = float(threshold), "set when the app was started"
@@ -261,12 +373,42 @@ def build_app(model_or_dir: Any, threshold: float | None = None, examples: Any =
     if start is None:
         source = ("the model has no calibrated threshold; the slider will start at the median score of your first "
                   "upload, a rough default only, and each heat map is coloured by its own min..max")
+    source = "one threshold for all images, " + source
     # Fixed heat-map colours (the pipeline's scale: green at the starting threshold).
     heatmap_range = (0.0, 2.0 * start) if start is not None and start > 0 else None
-    slider_max = slider_limit([start or 0.0])
+    return {"per_category": False, "start": start, "source": source, "heatmap_range": heatmap_range,
+            "slider_max": slider_limit([start or 0.0])}
 
-    def score(paths, current, session_start):
-        """Upload -> scores, decisions, heat maps, the first image's raw map."""
+
+def build_app(model_or_dir: Any, threshold: float | None = None, examples: Any = None,
+              trust_remote_code: bool = False, device: Any = None, title: str | None = None):
+    """Build (not launch) the Gradio app for a model dir, Hub id, CNCModel or anomaly-map pipeline.
+
+    `examples`: a folder or a list of image paths shown as clickable examples (None: none).
+    `trust_remote_code=True` runs the code saved with the model instead of the installed cnc_hf
+    (what a Space does). Returns a `gr.Blocks`; call `.launch()` on it.
+    """
+    # Long on purpose: the callbacks close over the model and the rule, and the layout names them.
+    import gradio as gr
+
+    detector = load_detector(model_or_dir, trust_remote_code=trust_remote_code, device=device)
+    example_paths = find_examples(examples)
+    config = detector.model.config
+    model_name = os.fspath(model_or_dir) if isinstance(model_or_dir, (str, os.PathLike)) else \
+        getattr(config, "_name_or_path", "") or type(detector.model).__name__
+    rule = starting_rule(detector, threshold, example_paths)
+    per_category, start, heatmap_range, slider_max = (rule[k] for k in ("per_category", "start", "heatmap_range",
+                                                                          "slider_max"))
+
+    def slider_values(results):
+        # What the slider is compared with: the scores, or per category each score / its own threshold.
+        if not per_category:
+            return [r["score"] for r in results]
+        return [r["score"] / r["threshold"] for r in results if r["threshold"]]
+
+    def score(paths, current, session_start, category):
+        """Upload (or another category chosen) -> scores, decisions, heat maps, the first image's panel."""
+        category = None if category in (None, RECOGNISE) else category
         paths = [p if isinstance(p, str) else getattr(p, "name", str(p)) for p in (paths or [])]
         if not paths:
             return [], [], [], None, "", gr.update(), session_start
@@ -274,7 +416,7 @@ def build_app(model_or_dir: Any, threshold: float | None = None, examples: Any =
         if len(paths) > MAX_FILES:
             notes.append(f"only the first {MAX_FILES} of {len(paths)} files were scored (one upload is capped)")
             paths = paths[:MAX_FILES]
-        results, errors = score_files(detector, paths, heatmap_range)
+        results, errors = score_files(detector, paths, heatmap_range, category)
         errors = notes + errors
         for error in errors:
             gr.Warning(error)
@@ -282,61 +424,79 @@ def build_app(model_or_dir: Any, threshold: float | None = None, examples: Any =
         if start is None and session_start is None and results:
             session_start = current = float(statistics.median(r["score"] for r in results))
             slider = gr.update(value=current, maximum=slider_limit([current] + [r["score"] for r in results]))
-        elif results and max(r["score"] for r in results) > slider_max:
-            slider = gr.update(maximum=slider_limit([current] + [r["score"] for r in results]))
+        elif results and max(slider_values(results) + [0.0]) > slider_max:
+            slider = gr.update(maximum=slider_limit([current] + slider_values(results)))
         threshold_now = current if (start is not None or session_start is not None) else None
-        gallery = [(r["heatmap"], f"{r['name']}  {format_score(r['score'])}") for r in results]
-        raw = render_raw_map(results[0]["anomaly_map"], threshold_now) if results else None
-        kept = [{k: r[k] for k in ("name", "score", "anomaly_map")} for r in results]  # the overlays are shown, not kept
-        return (kept, results_table(results, threshold_now), gallery, raw,
-                summary_markdown(results, threshold_now, errors), slider, session_start)
+        gallery = [(r["heatmap"], f"{r['name']}  {r['category'] or ''}  {format_score(r['score'])}") for r in results]
+        # Kept per session: small copies only (the panel draws tiles), no full-size map or overlay.
+        kept = [dict({k: v for k, v in r.items() if k != "anomaly_map"}, heatmap=_small(r["heatmap"]))
+                for r in results]
+        panel = selected_panel(kept[0], threshold_now, per_category) if kept else None
+        return (kept, results_table(results, threshold_now, per_category), gallery, panel,
+                summary_markdown(results, threshold_now, errors, per_category), slider, session_start)
 
     def redecide(results, current, selected):
         """Slider moved: new decisions from the kept scores; the model does not run again."""
         results = results or []
-        raw = render_raw_map(results[selected]["anomaly_map"], current) if results and selected < len(results) else None
-        return results_table(results, current), summary_markdown(results, current), raw
+        panel = selected_panel(results[selected], current, per_category) if results and selected < len(results) \
+            else None
+        table_rows = results_table(results, current, per_category)
+        return table_rows, summary_markdown(results, current, (), per_category), panel
 
     def select(results, current, evt: gr.SelectData):
-        """A heat map or a table row was clicked: show that image's raw map."""
+        """A heat map or a table row was clicked: show that image's panel."""
         index = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         if not results or index is None or not 0 <= index < len(results):
             return gr.update(), 0
-        return render_raw_map(results[index]["anomaly_map"], current), index
+        return selected_panel(results[index], current, per_category), index
 
+    green = "the image's own (category) threshold" if per_category else "the starting threshold"
     with gr.Blocks(title=title or "CNC anomaly detection") as app:
         gr.Markdown(
             f"# {title or 'CNC anomaly detection'}\n"
             f"Model: `{model_name}`. Upload one or several images: each gets an anomaly score (the maximum "
-            "of its anomaly map), a decision at the threshold, and a heat map (blue = 0, green = the starting "
-            "threshold, red = twice it). Click a heat map or a row to see its raw map.",
+            "of its anomaly map), its category, a decision at its threshold, and a heat map (blue = 0, "
+            f"green = {green}, red = twice it). Click a heat map or a row to see that image's labelled panel.",
             elem_id="intro",
         )
         with gr.Row():
             with gr.Column(scale=1):
                 files = gr.File(label="Images", file_count="multiple", elem_id="upload")
-                threshold_slider = gr.Slider(0.0, slider_max, value=start if start is not None else 0.0,
-                                             step=10 ** -SCORE_DIGITS, label="Decision threshold (score >= threshold: anomaly)",
-                                             elem_id="threshold")
-                gr.Markdown(f"Threshold source: {source}.", elem_id="threshold-source")
+                if per_category:
+                    label, step = "Threshold factor (score >= factor x the image's own threshold: anomaly)", \
+                        10 ** -FACTOR_DIGITS
+                else:
+                    label, step = "Decision threshold (score >= threshold: anomaly)", 10 ** -SCORE_DIGITS
+                threshold_slider = gr.Slider(0.0, slider_max, value=start if start is not None else 0.0, step=step,
+                                             label=label, elem_id="threshold")
+                gr.Markdown(f"Decision rule: {rule['source']}.", elem_id="threshold-source")
+                if per_category:  # the caller's category=, for a model that cannot recognise it or a known line
+                    category_menu = gr.Dropdown([RECOGNISE] + sorted(config.category_thresholds), value=RECOGNISE,
+                                           label="Category of the images (scores them again when changed)",
+                                           elem_id="category")
+                else:
+                    category_menu = gr.State(None)
                 if example_paths:
                     gr.Examples(examples=[[example_paths]] + [[[p]] for p in example_paths], inputs=[files],
                                 label="Examples (the first row: all of them)", examples_per_page=MAX_EXAMPLES + 1)
             with gr.Column(scale=2):
                 status = gr.Markdown(elem_id="status")
-                table = gr.Dataframe(headers=["image", "score", "decision"], datatype=["str", "str", "str"],
+                table = gr.Dataframe(headers=TABLE_HEADERS, datatype=["str"] * len(TABLE_HEADERS),
                                      interactive=False, label="Results", elem_id="results")
                 gallery = gr.Gallery(label="Heat maps", columns=4, height="auto", elem_id="heatmaps")
-                raw_map = gr.Image(label="Raw anomaly map of the selected image (black = min, white = max)",
-                                   type="pil", interactive=False, elem_id="raw-map")
+                # No label badge: it would cover the panel's own column headers, and the panel labels itself.
+                panel = gr.Image(label="Selected image: score, threshold, decision, colour scale", show_label=False,
+                                 type="pil", interactive=False, elem_id="selected")
         results_state, session_start, selected = gr.State([]), gr.State(None), gr.State(0)
 
-        files.change(score, [files, threshold_slider, session_start],
-                     [results_state, table, gallery, raw_map, status, threshold_slider, session_start]
-                     ).then(lambda: 0, None, selected)
-        threshold_slider.change(redecide, [results_state, threshold_slider, selected], [table, status, raw_map])
-        gallery.select(select, [results_state, threshold_slider], [raw_map, selected])
-        table.select(select, [results_state, threshold_slider], [raw_map, selected])
+        outputs = [results_state, table, gallery, panel, status, threshold_slider, session_start]
+        inputs = [files, threshold_slider, session_start, category_menu]
+        files.change(score, inputs, outputs).then(lambda: 0, None, selected)
+        if per_category:
+            category_menu.change(score, inputs, outputs).then(lambda: 0, None, selected)
+        threshold_slider.change(redecide, [results_state, threshold_slider, selected], [table, status, panel])
+        gallery.select(select, [results_state, threshold_slider], [panel, selected])
+        table.select(select, [results_state, threshold_slider], [panel, selected])
     return app
 
 

@@ -2,9 +2,9 @@
 
 Most tests call the app's functions directly. `test_app_in_headless_chromium` starts the real
 command (`cnc-hf app`) on 127.0.0.1 and drives Debian's Chromium with Playwright: a non-image
-upload gets a readable error and the app keeps serving, the score shown equals the pipeline's
-score, the heat map is displayed, the slider re-decides. Set CNC_HF_APP_SCREENSHOT=path to also
-save its screenshot there (docs/app_screenshot.png is made that way).
+upload gets a readable error and the app keeps serving, the score and threshold shown equal the
+pipeline's, the heat maps and the selected image's panel are displayed, the slider re-decides. Set
+CNC_HF_APP_SCREENSHOT=path to also save its screenshot there (docs/app_screenshot.png is made that way).
 """
 
 from __future__ import annotations
@@ -83,11 +83,30 @@ def _component(app, elem_id):
 # --------------------------------------------------------------------------- functions of the page
 def test_decisions_follow_the_pipeline_rule():
     results = [{"name": "a.png", "score": 0.5}, {"name": "b.png", "score": 0.25}]
-    assert cnc_app.results_table(results, 0.5) == [["a.png", "0.500000", "ANOMALY"], ["b.png", "0.250000", "normal"]]
-    assert cnc_app.results_table(results, None) == [["a.png", "0.500000", "-"], ["b.png", "0.250000", "-"]]
+    assert cnc_app.TABLE_HEADERS == ["image", "category", "score", "threshold", "decision"]
+    assert cnc_app.results_table(results, 0.5) == [["a.png", "-", "0.500000", "0.500000", "ANOMALY"],
+                                                   ["b.png", "-", "0.250000", "0.500000", "normal"]]
+    assert cnc_app.results_table(results, None) == [["a.png", "-", "0.500000", "-", "-"],
+                                                    ["b.png", "-", "0.250000", "-", "-"]]
     summary = cnc_app.summary_markdown(results, 0.3, ["c.txt is not an image this app can read (x)."])
     assert "**1 anomalous**, 1 normal at threshold 0.300000" in summary and "**Error**: c.txt" in summary
     assert "no decision" in cnc_app.summary_markdown(results, None)
+
+
+def test_per_category_rule_is_each_images_own_threshold_times_the_factor():
+    results = [{"name": "a.png", "score": 0.5, "category": "brick", "threshold": 0.4},
+               {"name": "b.png", "score": 3.0, "category": "gravel", "threshold": 4.0},
+               {"name": "c.png", "score": 9.0, "category": None, "threshold": None}]  # no threshold anywhere
+    assert [cnc_app.image_threshold(r, 1.5, per_category=True) for r in results] == [pytest.approx(0.6), 6.0, None]
+    assert cnc_app.image_threshold(results[1], 1.5) == 1.5  # one threshold for all: the slider's value itself
+    assert cnc_app.results_table(results, 1.0, per_category=True) == [
+        ["a.png", "brick", "0.500000", "0.400000", "ANOMALY"], ["b.png", "gravel", "3.000000", "4.000000", "normal"],
+        ["c.png", "-", "9.000000", "-", "-"]]
+    assert [row[4] for row in cnc_app.results_table(results, 0.5, per_category=True)] == ["ANOMALY", "ANOMALY", "-"]
+    assert [row[4] for row in cnc_app.results_table(results, 2.0, per_category=True)] == ["normal", "normal", "-"]
+    summary = cnc_app.summary_markdown(results, 1.0, per_category=True)
+    assert "**1 anomalous**, 1 normal at each image's own threshold x 1.000 (1.0 = as calibrated)" in summary
+    assert "1 without a threshold (no decision)" in summary
 
 
 def test_score_files_reports_unreadable_files_and_scores_the_rest(detector, example_images, tmp_path):
@@ -101,15 +120,22 @@ def test_score_files_reports_unreadable_files_and_scores_the_rest(detector, exam
     assert str(tmp_path) not in errors[0]  # no server temp paths in the page
 
 
-def test_raw_map_rendering_has_a_legend_and_marks_the_threshold():
+def test_deprecated_raw_map_colours_as_the_pipeline_above_the_figures_colour_bar():
+    from cnc_hf.figures import colour_bar
+    from cnc_hf.modeling.heatmap import jet_colormap
+
     amap = np.tile(np.linspace(0.0, 1.0, 48, dtype=np.float32), (32, 1))  # left to right
-    image = cnc_app.render_raw_map(amap, threshold=0.5, max_side=96)
-    assert image.mode == "RGB" and image.width == 96 and image.height > 64  # 96 x 64 map + legend below
-    pixels = np.asarray(image)
-    assert pixels[:64, 0].max() < 10 and pixels[:64, -1].min() > 245  # black = min (left), white = max (right)
-    red = (pixels[64:, :, 0] > 200) & (pixels[64:, :, 1] < 60)
-    assert red.any() and abs(np.nonzero(red.any(axis=0))[0].mean() - 47.5) < 3  # the tick at the middle
-    flat = cnc_app.render_raw_map(np.ones((8, 8), np.float32), threshold=1.0)  # constant map: no crash
+    with pytest.warns(FutureWarning, match="render_raw_map is deprecated"):
+        image = cnc_app.render_raw_map(amap, threshold=0.5, max_side=96)
+    assert image.mode == "RGB" and image.width == 96 and image.height > 64  # 96 x 64 map + colour bar below
+    pixels = np.asarray(image).astype(int)
+    # The pipeline's scale: blue = 0 (left), green = the threshold (middle), red = twice it (right).
+    for x, value in ((0, 0.0), (48, 0.5), (95, 1.0)):
+        assert np.abs(pixels[32, x] - jet_colormap(np.float32(value))).max() <= 12, (x, pixels[32, x])
+    bar = colour_bar(96, thresholds_known=True)
+    assert np.array_equal(pixels[-bar.height:], np.asarray(bar))  # the legend is figures' own colour bar
+    with pytest.warns(FutureWarning):
+        flat = cnc_app.render_raw_map(np.ones((8, 8), np.float32), threshold=1.0)  # constant map: no crash
     assert flat.width == cnc_app.RAW_MAP_SIDE
 
 
@@ -140,6 +166,153 @@ def test_build_app_without_threshold_uses_the_example_median_and_says_so(example
     scores = [cnc_app.load_detector(model)(str(p))["score"] for p in sorted(example_images.glob("*.png"))]
     assert _component(app, "threshold").value == pytest.approx(float(np.median(scores)))
     assert "median score of the 2 example images" in _component(app, "threshold-source").value
+
+
+# --------------------------------------------------------------------------- per-category decisions, the panel
+COLOURS = {"blue": (40, 60, 200), "green": (50, 180, 60), "red": (200, 50, 40)}
+
+
+def coloured(name: str, seed: int) -> PIL.Image.Image:
+    """A flat colour with mild noise: one 'product' per colour (as in test_categories.py)."""
+    pixels = np.asarray(COLOURS[name], np.float32) + np.random.default_rng(seed).normal(0, 12, (32, 32, 3))
+    return PIL.Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def category_images(tmp_path_factory) -> Path:
+    """One unseen image per colour category, plus gray noise that is unlike every category."""
+    folder = tmp_path_factory.mktemp("category_images")
+    for name in COLOURS:
+        coloured(name, 1000).save(folder / f"{name}.png")
+    gray = np.random.default_rng(99).integers(0, 256, (32, 32), dtype=np.uint8)
+    PIL.Image.fromarray(np.stack([gray] * 3, axis=-1)).save(folder / "noise.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def category_detector(category_images):
+    """A tiny model that recognises its three colour categories, with per-category thresholds set so that
+    every decision at its own category's threshold is the opposite of the decision at the pooled one."""
+    import datasets
+
+    from cnc_hf.calibration import fit_category_prototypes
+    from cnc_hf.modeling import CNCModel
+    from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
+    from cnc_hf.pipeline import AnomalyMapPipeline
+
+    torch.manual_seed(0)
+    model = CNCModel(tiny_cnc_config()).eval()
+    processor = CNCImageProcessor(size=32)
+    rows = [{"image": coloured(name, seed), "category": name, "label": 0, "path": f"{name}/{seed}.png"}
+            for name in COLOURS for seed in range(6)]
+    split = datasets.Dataset.from_list(rows, features=datasets.Features({
+        "image": datasets.Image(), "category": datasets.Value("string"), "label": datasets.Value("int64"),
+        "path": datasets.Value("string")}))
+    fit_category_prototypes(model, processor, [split], batch_size=6, progress=False)
+    pipe = AnomalyMapPipeline(model=model, image_processor=processor)
+    scores = {name: pipe(str(category_images / f"{name}.png"))["score"] for name in COLOURS}
+    low, *_, high = sorted(COLOURS, key=scores.get)
+    assert scores[low] < scores[high]
+    model.config.threshold = (scores[low] + scores[high]) / 2  # pooled: low normal, high ANOMALY
+    # Own thresholds: low ANOMALY (half its score), the others normal (twice theirs).
+    model.config.category_thresholds = {name: scores[name] * (0.5 if name == low else 2.0) for name in COLOURS}
+    return pipe, low, high
+
+
+def test_app_decides_each_image_at_its_categorys_threshold(category_detector, category_images):
+    pipe, low, high = category_detector
+    rule = cnc_app.starting_rule(pipe)
+    assert rule["per_category"] and rule["start"] == 1.0 and rule["heatmap_range"] is None
+    assert "own category's calibrated threshold" in rule["source"] and "1.0 = as calibrated" in rule["source"]
+    paths = [str(category_images / f"{name}.png") for name in (low, high, "noise")]
+    results, errors = cnc_app.score_files(pipe, paths, rule["heatmap_range"])
+    assert errors == []
+    own = pipe.model.config.category_thresholds
+    pooled = pipe.model.config.threshold
+    rows = {row[0]: dict(zip(cnc_app.TABLE_HEADERS, row)) for row in cnc_app.results_table(results, 1.0, True)}
+    for name in (low, high):  # recognised, decided at its own threshold as the pipeline decides it
+        expected = pipe(str(category_images / f"{name}.png"))
+        assert (rows[f"{name}.png"]["category"], expected["category"]) == (name, name)
+        assert rows[f"{name}.png"]["threshold"] == cnc_app.format_score(own[name]) == \
+            cnc_app.format_score(expected["threshold"])
+        assert rows[f"{name}.png"]["decision"] == ("ANOMALY" if expected["is_anomaly"] else "normal")
+    assert (rows[f"{low}.png"]["decision"], rows[f"{high}.png"]["decision"]) == ("ANOMALY", "normal")
+    # At the pooled threshold for all (the old slider) both decisions flip: per category is not a relabelling.
+    at_pooled = {row[0]: row[4] for row in cnc_app.results_table(results, pooled)}
+    assert (at_pooled[f"{low}.png"], at_pooled[f"{high}.png"]) == ("normal", "ANOMALY")
+    # An image unlike every category: no category, the pooled threshold.
+    assert (rows["noise.png"]["category"], rows["noise.png"]["threshold"]) == ("-", cnc_app.format_score(pooled))
+
+
+def test_the_slider_moves_a_factor_on_each_images_own_threshold(category_detector, category_images):
+    pipe, low, high = category_detector
+    results, _ = cnc_app.score_files(pipe, [str(category_images / f"{name}.png") for name in (low, high)], None)
+    own = pipe.model.config.category_thresholds
+    for factor in (0.25, 1.0, 3.0):
+        table = cnc_app.results_table(results, factor, per_category=True)
+        assert [row[3] for row in table] == [cnc_app.format_score(own[n] * factor) for n in (low, high)]
+        assert [row[4] for row in table] == ["ANOMALY" if r["score"] >= own[n] * factor else "normal"
+                                             for r, n in zip(results, (low, high))]
+    assert [row[4] for row in cnc_app.results_table(results, 0.25, True)] == ["ANOMALY", "ANOMALY"]  # 0.5x its score
+    assert [row[4] for row in cnc_app.results_table(results, 3.0, True)] == ["normal", "normal"]  # 1.5x its score
+    # The page: a factor slider starting at 1.0 that says which rule decides.
+    app = cnc_app.build_app(pipe)
+    slider = _component(app, "threshold")
+    assert slider.value == 1.0 and "factor" in slider.label
+    assert "own category's calibrated threshold" in _component(app, "threshold-source").value
+    menu = _component(app, "category")  # the caller's category=, for all images of the upload
+    assert [c[0] for c in menu.choices] == [cnc_app.RECOGNISE, *sorted(COLOURS)] and menu.value == cnc_app.RECOGNISE
+    (named,), _ = cnc_app.score_files(pipe, [str(category_images / "noise.png")], None, category=high)
+    assert (named["category"], named["threshold"], named["threshold_source"]) == (high, own[high], "category")
+    # threshold= at start wins, as the pipeline's threshold= does: one threshold for all, said so.
+    app = cnc_app.build_app(pipe, threshold=0.5)
+    assert _component(app, "threshold").value == 0.5 and "one threshold for all" in _component(
+        app, "threshold-source").value
+    assert not cnc_app.starting_rule(pipe, threshold=0.5)["per_category"]
+    assert not any(getattr(block, "elem_id", None) == "category" for block in app.blocks.values())
+
+
+def test_the_panel_is_the_figures_renderers_output(category_detector, category_images):
+    from cnc_hf.figures import Example, caption_lines, render_examples
+
+    pipe, low, _ = category_detector
+    path = str(category_images / f"{low}.png")
+    (result,), _ = cnc_app.score_files(pipe, [path], None)
+    expected = pipe(path)
+    threshold = expected["threshold"] * 0.5
+    example = Example(image=result["image"], overlay=result["heatmap"], score=expected["score"], threshold=threshold,
+                      threshold_source="category x 0.500", is_anomaly=True, category=low, name=f"{low}.png")
+    # The pipeline coloured the map 0..2x the calibrated threshold: at factor 0.5 the bar says those numbers.
+    value_range = (0.0, 2.0 * expected["threshold"])
+    panel = cnc_app.selected_panel(result, 0.5, per_category=True)
+    assert np.array_equal(np.asarray(panel), np.asarray(render_examples([example], tile=cnc_app.PANEL_TILE,
+                                                                        value_range=value_range)))
+    lines = caption_lines(cnc_app.panel_example(result, 0.5, per_category=True))
+    assert lines[0] == f"{low} / {low}.png"
+    assert f"vs threshold {threshold:.3f} (category x 0.500) -> ANOMALY" in lines[1]
+    assert cnc_app.panel_value_range(result, 1.0, per_category=True) is None  # at 1.0: 0 / threshold / 2x labels
+    # Where cnc_hf is not installed (a Space) the panel is the pipeline's heat map itself.
+    original = cnc_app._figures
+    try:
+        cnc_app._figures = lambda: None
+        assert cnc_app.selected_panel(result, 1.0, per_category=True) is result["heatmap"]
+    finally:
+        cnc_app._figures = original
+
+
+def test_the_panel_of_a_one_threshold_model(detector, example_images):
+    from cnc_hf.figures import Example, render_examples
+
+    start = detector.model.config.threshold
+    path = str(example_images / "red_spot.png")
+    (result,), _ = cnc_app.score_files(detector, [path], (0.0, 2.0 * start))
+    example = Example(image=result["image"], overlay=result["heatmap"], score=result["score"], threshold=start,
+                      threshold_source="slider", is_anomaly=result["score"] >= start, category=None,
+                      name="red_spot.png")
+    assert np.array_equal(np.asarray(cnc_app.selected_panel(result, start)),
+                          np.asarray(render_examples([example], tile=cnc_app.PANEL_TILE)))
+    # The slider moved away from the colouring's threshold: the colour bar gives the numbers the colours span.
+    assert cnc_app.panel_value_range(result, start * 1.5) == (0.0, 2.0 * start)
 
 
 def test_demo_examples_are_six_named_images(tmp_path):
@@ -291,7 +464,7 @@ def _table(page) -> list[list[str]]:
     rows = page.evaluate(
         "() => Array.from(document.querySelectorAll('#results [role=row]')).map("
         "row => Array.from(row.querySelectorAll('[role=gridcell]')).map(cell => cell.innerText.trim()))")
-    return [row for row in rows if len(row) == 3 and all(row)]
+    return [row for row in rows if len(row) == len(cnc_app.TABLE_HEADERS) and all(row)]
 
 
 def _save_small_png(path: Path, png: bytes) -> None:
@@ -343,22 +516,24 @@ def test_app_in_headless_chromium(model_dir, detector, example_images, tmp_path)
                 page.wait_for_function("document.querySelector('#status').innerText.trim() === ''")
                 upload.set_input_files([str(p) for p in images])
                 page.wait_for_function("document.querySelector('#status').innerText.includes('Scored 2 image')")
-                rows = {row[0]: row for row in _table(page)}
+                rows = {row[0]: dict(zip(cnc_app.TABLE_HEADERS, row)) for row in _table(page)}
                 assert set(rows) == set(expected), rows
                 for name, result in expected.items():
-                    shown = float(rows[name][1])
+                    shown = float(rows[name]["score"])
                     assert abs(shown - result["score"]) <= 0.5 * 10 ** -cnc_app.SCORE_DIGITS + 1e-9, (name, shown)
-                    assert rows[name][2] == ("ANOMALY" if result["is_anomaly"] else "normal")
-                assert {row[2] for row in rows.values()} == {"ANOMALY", "normal"}  # the model's own threshold
+                    assert rows[name]["decision"] == ("ANOMALY" if result["is_anomaly"] else "normal")
+                    assert float(rows[name]["threshold"]) == pytest.approx(result["threshold"], abs=1e-6)
+                    assert rows[name]["category"] == "-"  # a model without category prototypes names none
+                assert {row["decision"] for row in rows.values()} == {"ANOMALY", "normal"}  # the model's own threshold
 
-                # The heat maps and the raw map are displayed (decoded images, not placeholders).
+                # The heat maps and the selected image's panel are displayed (decoded images, not placeholders).
                 heatmaps = page.locator("#heatmaps img")
                 assert heatmaps.count() == 2
                 for i in range(2):
                     assert heatmaps.nth(i).is_visible()
                     assert heatmaps.nth(i).evaluate(LOADED_WIDTH) > 0
-                raw = page.locator("#raw-map img")
-                assert raw.is_visible() and raw.evaluate(LOADED_WIDTH) > 0
+                panel = page.locator("#selected img")
+                assert panel.is_visible() and panel.evaluate(LOADED_WIDTH) > 0
                 screenshot = page.screenshot(full_page=True)
 
                 # The slider re-decides from the kept scores.
@@ -366,7 +541,7 @@ def test_app_in_headless_chromium(model_dir, detector, example_images, tmp_path)
                 threshold.fill(str(max(r["score"] for r in expected.values()) + 1.0))
                 threshold.press("Enter")
                 page.wait_for_function("document.querySelector('#status').innerText.includes('0 anomalous')")
-                assert [row[2] for row in _table(page)] == ["normal", "normal"]
+                assert [row[cnc_app.TABLE_HEADERS.index("decision")] for row in _table(page)] == ["normal", "normal"]
             finally:
                 browser.close()
     finally:
