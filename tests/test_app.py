@@ -484,6 +484,8 @@ LOADED_WIDTH = """img => img.complete ? img.naturalWidth : new Promise(resolve =
     setTimeout(() => resolve(img.naturalWidth), 10000);
 })"""
 
+@pytest.mark.slow
+@pytest.mark.browser
 def test_app_in_headless_chromium(model_dir, detector, example_images, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is missing: scripts/install_browser.sh (run by `make test`) installs Debian's "

@@ -26,7 +26,7 @@ from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
 
 from tiny_models import BLOCK_CNC_PACKAGES, REPO_ROOT, tiny_cnc_config
 
-CODE_FILES = ["anomaly_map.py", "configuration_cnc.py", "decoder.py", "fusion.py", "heatmap.py", "image_processing_cnc.py",
+CODE_FILES = ["anomaly_map.py", "category.py", "configuration_cnc.py", "decision.py", "decoder.py", "fusion.py", "heatmap.py", "image_processing_cnc.py",
               "joint_space.py", "losses.py", "modeling_cnc.py", "moe.py", "normality.py", "pipeline_cnc.py", "prompts.py"]
 MODEL_FILES = ["model.safetensors", "config.json", "preprocessor_config.json", *CODE_FILES]
 CATEGORY_VALUES = {"image_auroc": 0.912, "image_ap": 0.834, "image_f1_max": 0.771, "pixel_auroc": 0.9456,
@@ -338,7 +338,7 @@ def test_push_command(model_dir, monkeypatch, capsys):
     recorder = RecordingHub(monkeypatch)
     assert hub_cli.main(["push", str(model_dir), "org/cnc-mvtec", "--dry_run"]) == 0
     out = capsys.readouterr().out
-    assert "would upload 19 files" in out and "model.safetensors" in out and "checkpoints" not in out
+    assert "would upload 21 files" in out and "model.safetensors" in out and "checkpoints" not in out
     assert cli.main(["push", str(model_dir), "org/cnc-mvtec", "--private", "--token", "hf_x"]) == 0
     assert recorder.repos[0]["private"] is True and len(recorder.commits) == 1
     assert "fake-commit-info" in capsys.readouterr().out

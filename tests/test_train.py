@@ -212,8 +212,12 @@ def test_output_dir_loads_and_keeps_the_threshold(trained_run):
     threshold = json.loads((out / "metrics.json").read_text())["threshold"]["value"]
     assert model.config.threshold == pytest.approx(threshold)
     assert not any(p.requires_grad for p in model.clip.parameters())
-    # The saved weights are the trained ones (checkpoint of the last epoch == final model).
+    # The saved weights are the trained ones (checkpoint of the last epoch == final model), plus the category
+    # prototypes that the run computes after its last epoch, one row per training category.
     final = trainable_weights(out)
+    prototypes = final.pop("category_prototypes")
+    assert prototypes.shape[0] == len(model.config.categories) == len(json.loads((out / "config.json").read_text())
+                                                                        ["category_distance_limits"])
     checkpoint = load_file(out / "checkpoints" / "epoch_0002" / "cnc_trainable.safetensors")
     assert set(checkpoint) == set(final)
     assert all(torch.equal(checkpoint[k], final[k]) for k in final)
@@ -231,7 +235,7 @@ def test_output_dir_runs_in_the_pipeline(trained_run, tiny_data):
 
 
 def test_training_args_json_parses_back_to_the_run(trained_run, tiny_data, tiny_clip_dir):
-    from cnc_hf.hub import _PRIVATE_ARGS
+    from cnc_hf.model_card import _PRIVATE_ARGS
     from cnc_hf_train.args import FLAG_NAMES
 
     out, _ = trained_run
@@ -512,9 +516,9 @@ def test_training_on_image_folders_without_masks_reports_image_metrics_and_null_
     reported = {result.metric_name for result in card.data.eval_results}
     assert reported == {"I-AUROC", "I-AP", "I-F1max"}  # never a pixel metric that was not measured
     assert summary["metrics"]["pixel_auroc"] is None
-    from cnc_hf.hub import push_to_hub
+    from cnc_hf.hub import upload_model_dir
 
-    assert "metrics.json" in push_to_hub(out, "me/waves", dry_run=True)  # re-renders the card from metrics.json
+    assert "metrics.json" in upload_model_dir(out, "me/waves", dry_run=True)  # re-renders the card from metrics.json
     assert {r.metric_name for r in ModelCard.load(out / "README.md").data.eval_results} == reported
 
     reset_accelerate()
