@@ -47,6 +47,7 @@ from typing import Any, Sequence
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
+import PIL.ImageOps
 import PIL.ImageFont
 
 TASK = "image-anomaly-detection"
@@ -172,20 +173,24 @@ def _display_name(path: str) -> str:
 
 
 def _figures():
-    """`cnc_hf.figures`, the one renderer of results; None where cnc_hf is not installed (a Space)."""
+    """`cnc_hf.figures`, the one renderer of results: in a Space (no cnc_hf) its copy `cnc_figures`, which
+    cnc_hf.space writes beside this file; None when neither exists."""
     try:
         from cnc_hf import figures
     except ImportError:
-        return None
+        try:
+            import cnc_figures as figures
+        except ImportError:
+            return None
     return figures
 
 
-def _thumbnail(path: str) -> PIL.Image.Image | None:
+def _thumbnail(path: str) -> PIL.Image.Image:
     """The input image, small (the panel's tile), read as the pipeline reads it where cnc_hf is installed."""
     try:
         from cnc_hf.modeling.image_processing_cnc import load_rgb
-    except ImportError:  # a Space: the panel shows the heat map only, so the input is not needed
-        return None
+    except ImportError:  # a Space: the file was just scored by the pipeline, so PIL reads it
+        return _small(PIL.ImageOps.exif_transpose(PIL.Image.open(path)).convert("RGB"))
     return _small(load_rgb(path))
 
 
@@ -272,7 +277,7 @@ def summary_markdown(results: Sequence[dict], threshold: float | None, errors: S
 
 def panel_example(result: dict, threshold: float | None, per_category: bool = False):
     """The selected image as a `cnc_hf.figures.Example`, decided by the app's rule (the slider's)."""
-    from cnc_hf.figures import Example
+    Example = _figures().Example
 
     t = image_threshold(result, threshold, per_category)
     if t is None:

@@ -24,7 +24,10 @@ import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
 
-from cnc_hf.modeling.heatmap import jet_colormap
+try:
+    from cnc_hf.modeling.heatmap import jet_colormap
+except ImportError:  # a Space, where cnc_hf is not installed: the copy cnc_hf.space writes beside the app
+    from cnc_heatmap import jet_colormap
 
 RIGHT, WRONG, UNKNOWN = (40, 150, 60), (210, 40, 40), (170, 170, 170)
 _FONT_SIZE = 13

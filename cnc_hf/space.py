@@ -32,6 +32,8 @@ from cnc_hf.hub_ids import check_repo_id, is_hub_id
 TESTED_GRADIO_VERSION = "6.31.0"
 SPACE_APP = "app.py"
 VENDORED_APP = "cnc_app.py"
+VENDORED_FIGURES = "cnc_figures.py"  # cnc_hf/figures.py
+VENDORED_HEATMAP = "cnc_heatmap.py"  # cnc_hf/modeling/heatmap.py
 BUNDLED_MODEL_DIR = "model"
 EXAMPLES_DIR = "examples"
 REQUIREMENTS = [
@@ -143,6 +145,12 @@ def write_space_files(
             written.append(Path(shutil.copyfile(path, out / EXAMPLES_DIR / Path(path).name)))
 
     written.append(Path(shutil.copyfile(Path(__file__).with_name("app.py"), out / VENDORED_APP)))
+    # The app draws with cnc_hf.figures (the one renderer), which needs the heat-map colours: both travel too.
+    from cnc_hf import figures
+    from cnc_hf.modeling import heatmap
+
+    for module, name in ((figures, VENDORED_FIGURES), (heatmap, VENDORED_HEATMAP)):
+        written.append(Path(shutil.copyfile(module.__file__, out / name)))
     contents = {
         SPACE_APP: _launcher(model_ref, title, bool(example_paths)),
         "requirements.txt": "\n".join(REQUIREMENTS) + "\n",

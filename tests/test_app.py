@@ -344,7 +344,7 @@ def _front_matter(readme: str) -> dict:
 def test_space_files_for_a_hub_id(tmp_path, example_images):
     files = write_space_files("org/cnc-mvtec", tmp_path, title="Try CNC", examples=example_images)
     assert sorted(str(f.relative_to(tmp_path)) for f in files) == [
-        "README.md", "app.py", "cnc_app.py", "examples/plain.png", "examples/red_spot.png", "requirements.txt"]
+        "README.md", "app.py", "cnc_app.py", "cnc_figures.py", "cnc_heatmap.py", "examples/plain.png", "examples/red_spot.png", "requirements.txt"]
     meta = _front_matter((tmp_path / "README.md").read_text())
     assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py" and meta["models"] == ["org/cnc-mvtec"]
     assert meta["sdk_version"] == gr.__version__ and meta["title"] == "Try CNC"
@@ -384,8 +384,13 @@ gradio.Blocks.launch = lambda self, **kwargs: launched.append(type(self).__name_
 import runpy
 runpy.run_path("app.py", run_name="__main__")
 import cnc_app
-score = cnc_app.load_detector("model", trust_remote_code=True)({str(example_images / "red_spot.png")!r})["score"]
-print(json.dumps({{"launched": launched, "score": score,
+detector = cnc_app.load_detector("model", trust_remote_code=True)
+result = detector({str(example_images / "red_spot.png")!r})
+score = result["score"]
+# The labelled panel of the one renderer (the vendored cnc_figures), not the bare heat map.
+panel = cnc_app.selected_panel(cnc_app.score_files(detector, [{str(example_images / "red_spot.png")!r}], None)[0][0], 1.0)
+print(json.dumps({{"launched": launched, "score": score, "panel": list(panel.size),
+                  "heatmap": list(result["heatmap"].size),
                   "cnc_modules": [m for m in sys.modules if m.split(".")[0] in ("cnc_hf", "cnc_hf_train", "modeling")]}}))
 """
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "hf_modules"), GRADIO_ANALYTICS_ENABLED="False",
@@ -400,6 +405,9 @@ print(json.dumps({{"launched": launched, "score": score,
     expected = load_pipeline(model_dir)(str(example_images / "red_spot.png"))["score"]
     assert report["launched"] == ["Blocks"] and report["cnc_modules"] == []
     assert report["score"] == pytest.approx(expected, abs=1e-6)
+    from cnc_hf.app import PANEL_TILE
+
+    assert report["panel"][0] == 2 * PANEL_TILE + 12 and report["panel"][1] > PANEL_TILE  # image | heat map + caption
 
 
 def test_push_space_uploads_the_written_files(tmp_path, monkeypatch, example_images):
@@ -417,10 +425,10 @@ def test_push_space_uploads_the_written_files(tmp_path, monkeypatch, example_ima
     assert calls["create_repo"]["repo_type"] == "space" and calls["create_repo"]["space_sdk"] == "gradio"
     upload = calls["upload_folder"]
     assert upload["repo_type"] == "space" and upload["repo_id"] == "org/cnc-demo"
-    assert sorted(upload["allow_patterns"]) == ["README.md", "app.py", "cnc_app.py", "examples/plain.png",
-                                               "examples/red_spot.png", "requirements.txt"]
+    assert sorted(upload["allow_patterns"]) == ["README.md", "app.py", "cnc_app.py", "cnc_figures.py", "cnc_heatmap.py",
+                                               "examples/plain.png", "examples/red_spot.png", "requirements.txt"]
     assert push_space("org/cnc", "org/cnc-demo", examples=False, dry_run=True) == [
-        "README.md", "app.py", "cnc_app.py", "requirements.txt"]
+        "README.md", "app.py", "cnc_app.py", "cnc_figures.py", "cnc_heatmap.py", "requirements.txt"]
     with pytest.raises(ValueError, match="space_id"):
         push_space("org/cnc", "no spaces allowed", dry_run=True)
 
