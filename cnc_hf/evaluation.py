@@ -75,22 +75,9 @@ def evaluate_model(model, processor, dataset_split, batch_size: int = 8, acceler
             if path in wanted:
                 _write_heatmap(Path(heatmap_dir), batch, i, maps[i], float(scores[i]),
                                None if similarity is None else similarity[i].tolist(), processor, config)
-        device = scores.device
-        labels = batch["labels"].to(device)
-        masks = batch["masks"].to(device=device, dtype=torch.uint8)  # gloo gathers no bool
-        has_mask = batch["has_mask"].to(device=device, dtype=torch.uint8)
-        cats = torch.tensor([ids[c] for c in batch["categories"]], device=device)
-        gathered = gather(accelerator, (scores, labels, maps, masks, cats, has_mask)
-                          + (() if similarity is None else (similarity,)))
-        scores, labels, maps, masks, cats, has_mask = gathered[:6]
+        gathered = _gather_batch(accelerator, batch, maps, scores, similarity, ids)
         if main:  # the gathered maps of a whole test set are large: one process keeps them
-            accumulator.update(scores, labels, maps.cpu(), masks.cpu().bool(), categories=cats,
-                               has_mask=has_mask.cpu().bool())
-            kept["scores"].append(scores.cpu().double().numpy())
-            kept["labels"].append(labels.cpu().numpy())
-            kept["categories"].extend(names[int(c)] for c in cats.cpu())
-            if similarity is not None:
-                kept["similarities"].append(gathered[6].cpu().double().numpy())
+            _keep(accumulator, kept, names, *gathered)
 
     results = None
     if main:
@@ -103,6 +90,28 @@ def evaluate_model(model, processor, dataset_split, batch_size: int = 8, acceler
 
         results = broadcast_object_list([results])[0]  # the same dict on every process
     return results
+
+
+def _gather_batch(accelerator, batch, maps, scores, similarity, ids):
+    """One batch's tensors from every process: (scores, labels, maps, masks, category ids, has_mask, similarity)."""
+    device = scores.device
+    labels = batch["labels"].to(device)
+    masks = batch["masks"].to(device=device, dtype=torch.uint8)  # gloo gathers no bool
+    has_mask = batch["has_mask"].to(device=device, dtype=torch.uint8)
+    cats = torch.tensor([ids[c] for c in batch["categories"]], device=device)
+    gathered = gather(accelerator, (scores, labels, maps, masks, cats, has_mask)
+                      + (() if similarity is None else (similarity,)))
+    return (*gathered[:6], gathered[6] if similarity is not None else None)
+
+
+def _keep(accumulator, kept: dict, names: list[str], scores, labels, maps, masks, cats, has_mask, similarity) -> None:
+    """Feed the metrics and keep what the decision report needs (scores, labels, categories, similarities)."""
+    accumulator.update(scores, labels, maps.cpu(), masks.cpu().bool(), categories=cats, has_mask=has_mask.cpu().bool())
+    kept["scores"].append(scores.cpu().double().numpy())
+    kept["labels"].append(labels.cpu().numpy())
+    kept["categories"].extend(names[int(c)] for c in cats.cpu())
+    if similarity is not None:
+        kept["similarities"].append(similarity.cpu().double().numpy())
 
 
 def _decision_results(kept: dict, config) -> dict:
