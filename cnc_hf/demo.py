@@ -24,6 +24,10 @@ import sys
 import time
 from pathlib import Path
 
+# Each category's threshold is a high quantile of its held-out normal scores: 48 images and 0.25 leave 12 to
+# calibrate on (the library's defaults, 0.1 of the demo set's former 24, left 2: the larger of two scores).
+DEMO_TRAIN_IMAGES = 48
+DEMO_CALIBRATION_FRACTION = 0.25
 REAL_USE = ("accelerate launch -m cnc_hf_train.train --clip_model openai/clip-vit-large-patch14-336 "
             "--dataset mvtec --data_dir /path/to/mvtec_anomaly_detection --output_dir cnc-mvtec")
 
@@ -39,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model input size for the random CLIP (default: %(default)s; a real CLIP uses 224)")
     parser.add_argument("--batch_size", type=int, default=8, help="training batch size (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="data and training seed (default: %(default)s)")
+    parser.add_argument("--train_images", type=int, default=DEMO_TRAIN_IMAGES,
+                        help="normal training images per category (default: %(default)s)")
+    parser.add_argument("--calibration_fraction", type=float, default=DEMO_CALIBRATION_FRACTION,
+                        help="of them, the fraction held out to calibrate each category's threshold "
+                             "(default: %(default)s)")
     parser.add_argument("--gallery_images", type=int, default=12, help="test images in the gallery (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous demo in --output_dir")
     return parser
@@ -86,11 +95,11 @@ def make_gallery(model_dir: Path, dataset, out_path: Path, count: int, seed: int
     rows = [test[int(i)] for i in picks]
     pipe = pipeline("image-anomaly-detection", model=str(model_dir))
     results = [pipe(r["image"]) for r in rows]  # category recognised from the image, its threshold decides
-    examples = [Example.from_result(r["image"], res, name=f"{r['defect_type']}/{Path(r['path']).name}",
+    examples = [Example.from_result(r["image"], res, name=f"{r['category']}/{r['defect_type']}/{Path(r['path']).name}",
                                     truth=r["mask"], label=int(r["label"])) for r, res in zip(rows, results)]
     render_examples(examples, tile=160, groups=2 if len(rows) > 4 else 1,
-                    title=f"cnc-hf demo: {len(rows)} test images, category recognised from each image "
-                          "(caption: true category / file)").save(out_path)
+                    title=f"cnc-hf demo: {len(rows)} test images; caption: the category the model recognised "
+                          "/ the file (true category/defect/name)").save(out_path)
     keys = ("score", "is_anomaly", "category", "category_source", "threshold", "threshold_source", "normalized_score")
     return [{"path": r["path"], "true_category": r["category"], "defect_type": r["defect_type"],
              "label": int(r["label"]), **{k: res[k] for k in keys}} for r, res in zip(rows, results)]
@@ -107,47 +116,47 @@ def report_targets(metrics: dict) -> str:
             f"{100 * named:.1f}% (target >= 95%), {decisions['recognition']['unrecognised']} unrecognised")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def prepare_output(args) -> tuple[Path, Path]:
+    """(output dir, model dir); refuses to replace an earlier demo's model without --overwrite."""
     out = Path(args.output_dir)
     model_dir = out / "model"
     if model_dir.exists() and any(model_dir.iterdir()) and not args.overwrite:
         raise SystemExit(f"cnc-hf demo: {model_dir} already holds a model; pass --overwrite or another --output_dir.")
     out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
+    return out, model_dir
 
-    from cnc_hf.data import load_anomaly_dataset, make_demo_dataset
 
-    _stage("1/5 demo data set")
-    data_dir = make_demo_dataset(out / "data", seed=args.seed)
-    print(f"wrote an MVTec-layout texture set to {data_dir}")
+def choose_clip(args, out: Path) -> tuple[str, int]:
+    """(CLIP checkpoint, input size): --clip_model at 224 px, else a small random CLIP written here."""
+    if args.clip_model is not None:
+        return args.clip_model, 224
+    clip = random_clip_checkpoint(out / "random_clip", args.image_size, args.seed)
+    print("\nNOTE: no pretrained CLIP is reachable offline, so this demo's CLIP is RANDOMLY INITIALISED "
+          f"(small ViT, {args.image_size}px). Its numbers show the pipeline works end to end; they are not the "
+          "paper's. Point --clip_model at a real checkpoint for real results.")
+    return str(clip), args.image_size
 
-    if args.clip_model is None:
-        clip = random_clip_checkpoint(out / "random_clip", args.image_size, args.seed)
-        image_size = args.image_size
-        print("\nNOTE: no pretrained CLIP is reachable offline, so this demo's CLIP is RANDOMLY INITIALISED "
-              f"(small ViT, {image_size}px). Its numbers show the pipeline works end to end; they are not the "
-              "paper's. Point --clip_model at a real checkpoint for real results.")
-    else:
-        clip, image_size = args.clip_model, 224
 
-    _stage("2/5 training (cnc_hf_train.train)")
+def train(args, data_dir: Path, clip: str, image_size: int, model_dir: Path) -> None:
+    """`python -m cnc_hf_train.train` on the demo set, as a user would run it (feature cache on)."""
     command = [sys.executable, "-m", "cnc_hf_train.train", "--dataset", "demo", "--data_dir", str(data_dir),
                "--clip_model", str(clip), "--output_dir", str(model_dir), "--epochs", str(args.epochs),
                "--batch_size", str(args.batch_size), "--image_size", str(image_size), "--seed", str(args.seed),
+               "--calibration_fraction", str(args.calibration_fraction),
                "--cache_features", "--cache_dtype", "float32", "--overwrite_output_dir"]
     print("$ " + " ".join(command), flush=True)
     code = subprocess.call(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if code != 0:
         raise SystemExit(f"cnc-hf demo: training failed with exit code {code}.")
 
-    _stage("3/5 evaluation")
+
+def report(out: Path, model_dir: Path) -> None:
+    """The test metrics, the decisions (category given and recognised) and the targets, printed and in metrics.md."""
+    from cnc_hf.decisions import format_decisions_table
     from cnc_hf.metrics import format_metrics_table
 
     metrics = json.loads((model_dir / "metrics.json").read_text())
     table = format_metrics_table(metrics)
-    from cnc_hf.decisions import format_decisions_table
-
     if metrics.get("decisions"):
         table += "\n\n" + format_decisions_table(metrics["decisions"])
     if metrics.get("decisions_recognised"):
@@ -156,12 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     (out / "metrics.md").write_text(table + "\n")
 
-    _stage("4/5 saved model")
-    for f in sorted(model_dir.iterdir()):
-        if f.is_file():
-            print(f"  {f.name:<28} {f.stat().st_size / 1e6:8.2f} MB")
 
-    _stage("5/5 pipeline predictions")
+def predict_gallery(args, out: Path, model_dir: Path, data_dir: Path) -> None:
+    """The pipeline on test images without their category: gallery.png and predictions.json."""
+    from cnc_hf.data import load_anomaly_dataset
+
     dataset = load_anomaly_dataset("demo", data_dir=data_dir)
     records = make_gallery(model_dir, dataset, out / "gallery.png", args.gallery_images, args.seed)
     (out / "predictions.json").write_text(json.dumps(records, indent=2))
@@ -170,6 +178,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gallery of {len(records)} test images: {out / 'gallery.png'} ({correct}/{len(records)} decisions right, "
           f"category recognised right for {named}/{len(records)})")
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out, model_dir = prepare_output(args)
+    start = time.time()
+    from cnc_hf.data import make_demo_dataset
+
+    _stage("1/5 demo data set")
+    data_dir = make_demo_dataset(out / "data", seed=args.seed, n_train=args.train_images)
+    print(f"wrote an MVTec-layout texture set to {data_dir}")
+    clip, image_size = choose_clip(args, out)
+    _stage("2/5 training (cnc_hf_train.train)")
+    train(args, data_dir, clip, image_size, model_dir)
+    _stage("3/5 evaluation")
+    report(out, model_dir)
+    _stage("4/5 saved model")
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file():
+            print(f"  {f.name:<28} {f.stat().st_size / 1e6:8.2f} MB")
+    _stage("5/5 pipeline predictions")
+    predict_gallery(args, out, model_dir, data_dir)
     minutes = (time.time() - start) / 60
     print(f"\nDone in {minutes:.1f} min. Model: {model_dir}  Table: {out / 'metrics.md'}  Gallery: {out / 'gallery.png'}")
     if args.clip_model is None:

@@ -174,7 +174,7 @@ def _write_heatmap(out_dir: Path, batch: dict, i: int, anomaly_map: torch.Tensor
     source = Path(batch["paths"][i])
     example = Example(image=image, overlay=overlay, score=score, label=label, truth=truth,
                       name=f"{source.parent.name}/{source.name}",
-                      **{k: decision[k] for k in ("threshold", "threshold_source", "is_anomaly", "category")})
+                      **{k: decision[k] for k in ("threshold", "threshold_source", "is_anomaly", "category", "category_source")})
     panel = render_examples([example], tile=max(160, image.width))
     target = out_dir / f"{category}_{source.parent.name}_{source.stem}.png"  # e.g. bottle_broken_large_000.png
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")

@@ -47,6 +47,7 @@ class Example:
     threshold_source: str | None = None
     is_anomaly: bool | None = None
     category: str | None = None
+    category_source: str | None = None
     name: str | None = None
     truth: PIL.Image.Image | None = None
     label: int | None = None
@@ -57,7 +58,7 @@ class Example:
         return cls(image=image, overlay=result["heatmap"], score=float(result["score"]),
                    threshold=result.get("threshold"), threshold_source=result.get("threshold_source"),
                    is_anomaly=result.get("is_anomaly"), category=known.pop("category", result.get("category")),
-                   **known)
+                   category_source=known.pop("category_source", result.get("category_source")), **known)
 
     @property
     def correct(self) -> bool | None:
@@ -75,7 +76,10 @@ def font(size: int = _FONT_SIZE):
 
 def caption_lines(example: Example) -> list[str]:
     """The caption under a row, each line short enough for a tile or two."""
-    name = " / ".join(part for part in (example.category or "category unknown", example.name) if part)
+    category = example.category or "category unknown"
+    if example.category_source in ("recognised", "unrecognised"):  # say that the model, not the caller, named it
+        category += f" ({example.category_source})"
+    name = " / ".join(part for part in (category, example.name) if part)
     if example.threshold is None:
         decision = f"score {example.score:.3f}, no threshold: no decision"
     else:

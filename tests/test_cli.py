@@ -42,7 +42,7 @@ def test_demo_end_to_end_small(tmp_path):
     out = tmp_path / "demo"
     result = subprocess.run(
         [sys.executable, "-m", "cnc_hf.cli", "demo", "--output_dir", str(out), "--epochs", "1", "--image_size", "64",
-         "--gallery_images", "4"], capture_output=True, text=True, timeout=600)
+         "--gallery_images", "4", "--train_images", "8"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "RANDOMLY INITIALISED" in result.stdout
     model_dir = out / "model"
@@ -58,11 +58,23 @@ def test_demo_end_to_end_small(tmp_path):
     assert len(records) == 4 and {r["label"] for r in records} == {0, 1}
     per_category = config["category_thresholds"]  # calibrated per category; the gallery decides with them
     assert set(per_category) == {"brick", "grass", "gravel"}
+    # The gallery does not name the category: the model recognises it (tinted brick, green grass, grey gravel) and
+    # decides at that category's threshold.
+    assert all(r["category"] == r["true_category"] and r["category_source"] == "recognised" for r in records)
     assert all(r["threshold"] == per_category[r["category"]] for r in records)
     assert all(r["is_anomaly"] == (r["score"] >= per_category[r["category"]]) for r in records)
-    assert (out / "gallery.png").stat().st_size > 0 and (out / "metrics.md").read_text().startswith("| Category")
-    assert "Decisions at the calibrated thresholds" in (out / "metrics.md").read_text()
+    assert config["categories"] == ["brick", "grass", "gravel"]
+    table = (out / "metrics.md").read_text()
+    assert table.startswith("| Category") and "category recognised from the image" in table
+    assert "balanced accuracy" in table and "(target >= 75%)" in table
     assert set(metrics["decisions"]["per_category"]) == {"brick", "grass", "gravel"}
+    assert metrics["decisions_recognised"]["recognition"]["accuracy"] == 1.0
+    # The labelled grid: image | heat map | ground truth, 160 px tiles (one block for 4 images).
+    from PIL import Image
+
+    from cnc_hf.figures import _PAD
+
+    assert Image.open(out / "gallery.png").width == 3 * 160 + 2 * _PAD
 
 
 def test_predict_writes_heat_maps_and_scores_like_the_pipeline(tmp_path, capsys):
