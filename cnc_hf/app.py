@@ -393,7 +393,6 @@ def build_app(model_or_dir: Any, threshold: float | None = None, examples: Any =
     `trust_remote_code=True` runs the code saved with the model instead of the installed cnc_hf
     (what a Space does). Returns a `gr.Blocks`; call `.launch()` on it.
     """
-    # Long on purpose: the callbacks close over the model and the rule, and the layout names them.
     import gradio as gr
 
     detector = load_detector(model_or_dir, trust_remote_code=trust_remote_code, device=device)
@@ -402,17 +401,37 @@ def build_app(model_or_dir: Any, threshold: float | None = None, examples: Any =
     model_name = os.fspath(model_or_dir) if isinstance(model_or_dir, (str, os.PathLike)) else \
         getattr(config, "_name_or_path", "") or type(detector.model).__name__
     rule = starting_rule(detector, threshold, example_paths)
-    per_category, start, heatmap_range, slider_max = (rule[k] for k in ("per_category", "start", "heatmap_range",
-                                                                          "slider_max"))
+    categories = sorted(config.category_thresholds) if rule["per_category"] else None
+    with gr.Blocks(title=title or "CNC anomaly detection") as app:
+        parts = _layout(title or "CNC anomaly detection", model_name, rule, categories, example_paths)
+        _connect(_AppCallbacks(detector, rule), parts)
+    return app
 
-    def slider_values(results):
-        # What the slider is compared with: the scores, or per category each score / its own threshold.
-        if not per_category:
+
+class _AppCallbacks:
+    """The app's callbacks. What they share: the detector, and the rule that decides (`starting_rule`).
+
+    Per session state (the kept results, the slider's session start, the selected image) lives in
+    `gr.State`s and comes in as arguments.
+    """
+
+    def __init__(self, detector, rule: dict):
+        self.detector = detector
+        self.per_category = rule["per_category"]
+        self.start = rule["start"]
+        self.heatmap_range = rule["heatmap_range"]
+        self.slider_max = rule["slider_max"]
+
+    def slider_values(self, results: Sequence[dict]) -> list[float]:
+        """What the slider is compared with: the scores, or per category each score / its own threshold."""
+        if not self.per_category:
             return [r["score"] for r in results]
         return [r["score"] / r["threshold"] for r in results if r["threshold"]]
 
-    def score(paths, current, session_start, category):
+    def score(self, paths, current, session_start, category):
         """Upload (or another category chosen) -> scores, decisions, heat maps, the first image's panel."""
+        import gradio as gr
+
         category = None if category in (None, RECOGNISE) else category
         paths = [p if isinstance(p, str) else getattr(p, "name", str(p)) for p in (paths or [])]
         if not paths:
@@ -421,88 +440,127 @@ def build_app(model_or_dir: Any, threshold: float | None = None, examples: Any =
         if len(paths) > MAX_FILES:
             notes.append(f"only the first {MAX_FILES} of {len(paths)} files were scored (one upload is capped)")
             paths = paths[:MAX_FILES]
-        results, errors = score_files(detector, paths, heatmap_range, category)
+        results, errors = score_files(self.detector, paths, self.heatmap_range, category)
         errors = notes + errors
         for error in errors:
             gr.Warning(error)
-        slider = gr.update()
-        if start is None and session_start is None and results:
-            session_start = current = float(statistics.median(r["score"] for r in results))
-            slider = gr.update(value=current, maximum=slider_limit([current] + [r["score"] for r in results]))
-        elif results and max(slider_values(results) + [0.0]) > slider_max:
-            slider = gr.update(maximum=slider_limit([current] + slider_values(results)))
-        threshold_now = current if (start is not None or session_start is not None) else None
+        slider, current, session_start = self._slider_update(results, current, session_start)
+        threshold_now = current if (self.start is not None or session_start is not None) else None
         gallery = [(r["heatmap"], f"{r['name']}  {r['category'] or ''}  {format_score(r['score'])}") for r in results]
         # Kept per session: small copies only (the panel draws tiles), no full-size map or overlay.
         kept = [dict({k: v for k, v in r.items() if k != "anomaly_map"}, heatmap=_small(r["heatmap"]))
                 for r in results]
-        panel = selected_panel(kept[0], threshold_now, per_category) if kept else None
-        return (kept, results_table(results, threshold_now, per_category), gallery, panel,
-                summary_markdown(results, threshold_now, errors, per_category), slider, session_start)
+        panel = selected_panel(kept[0], threshold_now, self.per_category) if kept else None
+        return (kept, results_table(results, threshold_now, self.per_category), gallery, panel,
+                summary_markdown(results, threshold_now, errors, self.per_category), slider, session_start)
 
-    def redecide(results, current, selected):
+    def _slider_update(self, results: Sequence[dict], current, session_start):
+        """(slider update, slider value, session start): a model without a starting threshold starts at the
+        median score of the session's first upload; the slider grows to hold every value it is compared with."""
+        import gradio as gr
+
+        if self.start is None and session_start is None and results:
+            session_start = current = float(statistics.median(r["score"] for r in results))
+            return gr.update(value=current, maximum=slider_limit([current] + [r["score"] for r in results])), \
+                current, session_start
+        if results and max(self.slider_values(results) + [0.0]) > self.slider_max:
+            return gr.update(maximum=slider_limit([current] + self.slider_values(results))), current, session_start
+        return gr.update(), current, session_start
+
+    def redecide(self, results, current, selected):
         """Slider moved: new decisions from the kept scores; the model does not run again."""
         results = results or []
-        panel = selected_panel(results[selected], current, per_category) if results and selected < len(results) \
-            else None
-        table_rows = results_table(results, current, per_category)
-        return table_rows, summary_markdown(results, current, (), per_category), panel
+        panel = selected_panel(results[selected], current, self.per_category) \
+            if results and selected < len(results) else None
+        table_rows = results_table(results, current, self.per_category)
+        return table_rows, summary_markdown(results, current, (), self.per_category), panel
 
-    def select(results, current, evt: gr.SelectData):
-        """A heat map or a table row was clicked: show that image's panel."""
-        index = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+    def select(self, results, current, index):
+        """A heat map or a table row was clicked (`index` from the event): show that image's panel."""
+        import gradio as gr
+
+        index = index[0] if isinstance(index, (list, tuple)) else index
         if not results or index is None or not 0 <= index < len(results):
             return gr.update(), 0
-        return selected_panel(results[index], current, per_category), index
+        return selected_panel(results[index], current, self.per_category), index
 
-    green = "the image's own (category) threshold" if per_category else "the starting threshold"
-    with gr.Blocks(title=title or "CNC anomaly detection") as app:
-        gr.Markdown(
-            f"# {title or 'CNC anomaly detection'}\n"
-            f"Model: `{model_name}`. Upload one or several images: each gets an anomaly score (the maximum "
-            "of its anomaly map), its category, a decision at its threshold, and a heat map (blue = 0, "
-            f"green = {green}, red = twice it). Click a heat map or a row to see that image's labelled panel.",
-            elem_id="intro",
-        )
-        with gr.Row():
-            with gr.Column(scale=1):
-                files = gr.File(label="Images", file_count="multiple", elem_id="upload")
-                if per_category:
-                    label, step = "Threshold factor (score >= factor x the image's own threshold: anomaly)", \
-                        10 ** -FACTOR_DIGITS
-                else:
-                    label, step = "Decision threshold (score >= threshold: anomaly)", 10 ** -SCORE_DIGITS
-                threshold_slider = gr.Slider(0.0, slider_max, value=start if start is not None else 0.0, step=step,
-                                             label=label, elem_id="threshold")
-                gr.Markdown(f"Decision rule: {rule['source']}.", elem_id="threshold-source")
-                if per_category:  # the caller's category=, for a model that cannot recognise it or a known line
-                    category_menu = gr.Dropdown([RECOGNISE] + sorted(config.category_thresholds), value=RECOGNISE,
-                                           label="Category of the images (scores them again when changed)",
-                                           elem_id="category")
-                else:
-                    category_menu = gr.State(None)
-                if example_paths:
-                    gr.Examples(examples=[[example_paths]] + [[[p]] for p in example_paths], inputs=[files],
-                                label="Examples (the first row: all of them)", examples_per_page=MAX_EXAMPLES + 1)
-            with gr.Column(scale=2):
-                status = gr.Markdown(elem_id="status")
-                table = gr.Dataframe(headers=TABLE_HEADERS, datatype=["str"] * len(TABLE_HEADERS),
-                                     interactive=False, label="Results", elem_id="results")
-                gallery = gr.Gallery(label="Heat maps", columns=4, height="auto", elem_id="heatmaps")
-                # No label badge: it would cover the panel's own column headers, and the panel labels itself.
-                panel = gr.Image(label="Selected image: score, threshold, decision, colour scale", show_label=False,
-                                 type="pil", interactive=False, elem_id="selected")
-        results_state, session_start, selected = gr.State([]), gr.State(None), gr.State(0)
 
-        outputs = [results_state, table, gallery, panel, status, threshold_slider, session_start]
-        inputs = [files, threshold_slider, session_start, category_menu]
-        files.change(score, inputs, outputs).then(lambda: 0, None, selected)
-        if per_category:
-            category_menu.change(score, inputs, outputs).then(lambda: 0, None, selected)
-        threshold_slider.change(redecide, [results_state, threshold_slider, selected], [table, status, panel])
-        gallery.select(select, [results_state, threshold_slider], [panel, selected])
-        table.select(select, [results_state, threshold_slider], [panel, selected])
-    return app
+def _layout(title: str, model_name: str, rule: dict, categories: Sequence[str] | None,
+            example_paths: Sequence[str]) -> dict:
+    """The page, inside the caller's `gr.Blocks`: the intro, the inputs (left), the results (right).
+
+    Returns the components the callbacks read or write, by name.
+    """
+    import gradio as gr
+
+    green = "the image's own (category) threshold" if rule["per_category"] else "the starting threshold"
+    gr.Markdown(
+        f"# {title}\n"
+        f"Model: `{model_name}`. Upload one or several images: each gets an anomaly score (the maximum "
+        "of its anomaly map), its category, a decision at its threshold, and a heat map (blue = 0, "
+        f"green = {green}, red = twice it). Click a heat map or a row to see that image's labelled panel.",
+        elem_id="intro",
+    )
+    with gr.Row():
+        with gr.Column(scale=1):
+            parts = _input_column(rule, categories, example_paths)
+        with gr.Column(scale=2):
+            parts["status"] = gr.Markdown(elem_id="status")
+            parts["table"] = gr.Dataframe(headers=TABLE_HEADERS, datatype=["str"] * len(TABLE_HEADERS),
+                                          interactive=False, label="Results", elem_id="results")
+            parts["gallery"] = gr.Gallery(label="Heat maps", columns=4, height="auto", elem_id="heatmaps")
+            # No label badge: it would cover the panel's own column headers, and the panel labels itself.
+            parts["panel"] = gr.Image(label="Selected image: score, threshold, decision, colour scale",
+                                      show_label=False, type="pil", interactive=False, elem_id="selected")
+    parts["results"], parts["session_start"], parts["selected"] = gr.State([]), gr.State(None), gr.State(0)
+    return parts
+
+
+def _input_column(rule: dict, categories: Sequence[str] | None, example_paths: Sequence[str]) -> dict:
+    """The upload, the threshold slider and its rule, the category menu (per category only), the examples."""
+    import gradio as gr
+
+    files = gr.File(label="Images", file_count="multiple", elem_id="upload")
+    if rule["per_category"]:
+        label, step = "Threshold factor (score >= factor x the image's own threshold: anomaly)", 10 ** -FACTOR_DIGITS
+    else:
+        label, step = "Decision threshold (score >= threshold: anomaly)", 10 ** -SCORE_DIGITS
+    slider = gr.Slider(0.0, rule["slider_max"], value=rule["start"] if rule["start"] is not None else 0.0,
+                       step=step, label=label, elem_id="threshold")
+    gr.Markdown(f"Decision rule: {rule['source']}.", elem_id="threshold-source")
+    if categories is not None:  # the caller's category=, for a model that cannot recognise it or a known line
+        category_menu = gr.Dropdown([RECOGNISE] + list(categories), value=RECOGNISE,
+                                    label="Category of the images (scores them again when changed)",
+                                    elem_id="category")
+    else:
+        category_menu = gr.State(None)
+    if example_paths:
+        gr.Examples(examples=[[example_paths]] + [[[p]] for p in example_paths], inputs=[files],
+                    label="Examples (the first row: all of them)", examples_per_page=MAX_EXAMPLES + 1)
+    return {"files": files, "slider": slider, "category": category_menu}
+
+
+def _connect(callbacks: _AppCallbacks, parts: dict) -> None:
+    """Wire the events, inside the caller's `gr.Blocks`: upload or category -> score, slider -> redecide,
+    click -> select."""
+    import gradio as gr
+
+    # Gradio passes the click event to a parameter annotated gr.SelectData; gradio is imported lazily, so the
+    # annotation can only be written here.
+    def select(results, current, evt: gr.SelectData):
+        return callbacks.select(results, current, evt.index)
+
+    files, slider, category_menu = parts["files"], parts["slider"], parts["category"]
+    outputs = [parts[k] for k in ("results", "table", "gallery", "panel", "status")] + \
+        [slider, parts["session_start"]]
+    inputs = [files, slider, parts["session_start"], category_menu]
+    files.change(callbacks.score, inputs, outputs).then(lambda: 0, None, parts["selected"])
+    if callbacks.per_category:
+        category_menu.change(callbacks.score, inputs, outputs).then(lambda: 0, None, parts["selected"])
+    slider.change(callbacks.redecide, [parts["results"], slider, parts["selected"]],
+                  [parts["table"], parts["status"], parts["panel"]])
+    for clicked in (parts["gallery"], parts["table"]):
+        clicked.select(select, [parts["results"], slider], [parts["panel"], parts["selected"]])
 
 
 # --------------------------------------------------------------------------- command line

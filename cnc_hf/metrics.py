@@ -375,6 +375,7 @@ def _no_pixel_metrics() -> dict:
     return {key: None for key in PIXEL_KEYS}
 
 
+# Over 60 lines only for its docstring, the reference of every metric; the code is ~25 lines of steps.
 def compute_anomaly_metrics(
     image_scores,
     image_labels,
@@ -428,50 +429,72 @@ def compute_anomaly_metrics(
     )
     # Images with pixel ground truth; None = all of them (keeps contiguous slices, no copies).
     known = None if has_mask is None or has_mask.all() else (has_mask | ~labels)
-    everything = np.arange(scores.size)
     result = {**_image_metrics(scores, labels), **_image_counts(labels)}
     regions = _label_regions(masks) if maps is not None else None
     if categories is None:
         if maps is not None:
-            rows, counts = _pixel_rows(labels, known, everything)
-            pixel = (_pixel_metrics(*_pixel_parts(_subset(maps, rows), _subset(masks, rows), _subset(regions, rows)))
-                     if counts["num_anomalous_with_mask"] else _no_pixel_metrics())
-            result.update({**pixel, **counts})
+            result.update(_whole_set_pixel_metrics(maps, masks, regions, labels, known))
         return _in_key_order(result)
 
-    names = [str(n) for n in (dict.fromkeys(category_names) if category_names is not None else sorted(set(categories)))]
-    groups = {name: idx for name in names if (idx := np.flatnonzero(categories == name)).size}
+    groups = _category_groups(categories, category_names)
     per_category = {
         name: {**_image_metrics(scores[idx], labels[idx], f" of category {name!r}"), **_image_counts(labels[idx])}
         for name, idx in groups.items()
     }
     if maps is not None:
-        pixel_rows = {}
-        for name, idx in groups.items():
-            rows, counts = _pixel_rows(labels, known, idx)
-            per_category[name].update(counts)
-            if rows.size:
-                pixel_rows[name] = rows
-        with_truth = [name for name in pixel_rows if per_category[name]["num_anomalous_with_mask"]]
-        # numpy releases the GIL in the heavy steps (masking, sorting, searching), so the
-        # categories run in parallel threads.
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            parts = dict(zip(pixel_rows, pool.map(
-                lambda rows: _pixel_parts(_subset(maps, rows), _subset(masks, rows), _subset(regions, rows)),
-                pixel_rows.values(),
-            )))
-            # Pooled pixel metrics from the categories' pixels (every image with pixel ground truth, also the
-            # normal images of categories without masks): extracted once, sorted again.
-            pooled = pool.submit(_pooled_pixel_metrics, list(parts.values())) if with_truth else None
-            per_pixel = pool.map(lambda name: _pixel_metrics(*parts[name], f" of category {name!r}"), with_truth)
-            pixel_by_name = dict(zip(with_truth, per_pixel))
-            for name in groups:
-                per_category[name].update(pixel_by_name.get(name) or _no_pixel_metrics())
-            _, counts = _pixel_rows(labels, known, everything)
-            result.update({**(pooled.result() if pooled is not None else _no_pixel_metrics()), **counts})
+        pooled, pixel_by_name = _category_pixel_metrics(groups, maps, masks, regions, labels, known)
+        result.update(pooled)
+        for name in groups:
+            per_category[name].update(pixel_by_name[name])
     result["per_category"] = {name: _in_key_order(values) for name, values in per_category.items()}
     result["mean"] = _mean_over_categories(per_category, [k for k in METRIC_KEYS if k in result], maps is not None)
     return _in_key_order(result)
+
+
+def _category_groups(categories: np.ndarray, category_names: Optional[Sequence[str]]) -> dict[str, np.ndarray]:
+    """{name: indices of its images} in `category_names` order (default sorted); names without images left out."""
+    names = [str(n) for n in (dict.fromkeys(category_names) if category_names is not None else sorted(set(categories)))]
+    return {name: idx for name in names if (idx := np.flatnonzero(categories == name)).size}
+
+
+def _rows_pixel_parts(maps: np.ndarray, masks: np.ndarray, regions: np.ndarray, rows: np.ndarray) -> tuple:
+    """:func:`_pixel_parts` of the images `rows`."""
+    return _pixel_parts(_subset(maps, rows), _subset(masks, rows), _subset(regions, rows))
+
+
+def _whole_set_pixel_metrics(maps, masks, regions, labels: np.ndarray, known: Optional[np.ndarray]) -> dict:
+    """Pixel metrics and counts over every image with pixel ground truth (None metrics if no anomaly has a mask)."""
+    rows, counts = _pixel_rows(labels, known, np.arange(labels.size))
+    pixel = (_pixel_metrics(*_rows_pixel_parts(maps, masks, regions, rows))
+             if counts["num_anomalous_with_mask"] else _no_pixel_metrics())
+    return {**pixel, **counts}
+
+
+def _category_pixel_metrics(groups: Mapping[str, np.ndarray], maps, masks, regions, labels: np.ndarray,
+                            known: Optional[np.ndarray]) -> tuple[dict, dict[str, dict]]:
+    """(pooled pixel metrics and counts, {category: its pixel metrics and counts}).
+
+    numpy releases the GIL in the heavy steps (masking, sorting, searching), so the categories run in
+    parallel threads. A category's pixels are extracted once; the pooled metrics sort them again.
+    """
+    by_name, pixel_rows = {}, {}
+    for name, idx in groups.items():
+        rows, by_name[name] = _pixel_rows(labels, known, idx)
+        if rows.size:
+            pixel_rows[name] = rows
+    with_truth = [name for name in pixel_rows if by_name[name]["num_anomalous_with_mask"]]
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        parts = dict(zip(pixel_rows, pool.map(
+            lambda rows: _rows_pixel_parts(maps, masks, regions, rows), pixel_rows.values()
+        )))
+        # Pooled over every image with pixel ground truth, also the normal images of categories without masks.
+        pooled = pool.submit(_pooled_pixel_metrics, list(parts.values())) if with_truth else None
+        per_pixel = pool.map(lambda name: _pixel_metrics(*parts[name], f" of category {name!r}"), with_truth)
+        pixel_by_name = dict(zip(with_truth, per_pixel))
+        for name in groups:
+            by_name[name].update(pixel_by_name.get(name) or _no_pixel_metrics())
+        _, counts = _pixel_rows(labels, known, np.arange(labels.size))
+        return {**(pooled.result() if pooled is not None else _no_pixel_metrics()), **counts}, by_name
 
 
 def _in_key_order(result: dict) -> dict:

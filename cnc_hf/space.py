@@ -105,54 +105,18 @@ def write_space_files(
     images (`cnc_hf.app.demo_examples`); False or []: no examples.
     Existing files of the same names are overwritten; nothing else in `out_dir` is touched.
     """
-    from cnc_hf.app import demo_examples, find_examples
-
     out = Path(out_dir)
     if out.is_file():
         raise ValueError(f"out_dir: {out} is a file; expected a directory")
-    name = os.fspath(model_id_or_dir)
-    local = Path(name).expanduser()
-    written: list[Path] = []
-    if local.is_dir():
-        if not bundle_model:
-            raise ValueError(
-                f"{name} is a local directory; a Space loads its model from the Hub. Push it first "
-                "(cnc-hf push DIR ORG/NAME) and pass the repo id, or pass bundle_model=True to copy the model "
-                "into the Space (small models only)"
-            )
-        from cnc_hf.model_dir import validate_model_dir
-
-        files = [f for f in validate_model_dir(local) if f != "README.md"]
-        (out / BUNDLED_MODEL_DIR).mkdir(parents=True, exist_ok=True)
-        for file in files:
-            written.append(Path(shutil.copyfile(local / file, out / BUNDLED_MODEL_DIR / file)))
-        model_id, model_ref = None, BUNDLED_MODEL_DIR
-    elif is_hub_id(name):
-        model_id = model_ref = name
-    else:
-        raise ValueError(f"model_id_or_dir: {name!r} is neither a Hub id (org/name) nor an existing directory")
+    model_id, model_ref, written = _model_reference(os.fspath(model_id_or_dir), out, bundle_model)
     if len(short_description) > 60:  # the Hub rejects longer ones
         raise ValueError(f"short_description: {len(short_description)} characters; the Hub allows 60")
 
     out.mkdir(parents=True, exist_ok=True)
-    if examples is False:
-        example_paths = []
-    else:
-        example_paths = find_examples(demo_examples() if examples is None else examples)
-    if example_paths:
-        (out / EXAMPLES_DIR).mkdir(exist_ok=True)
-        for path in example_paths:
-            written.append(Path(shutil.copyfile(path, out / EXAMPLES_DIR / Path(path).name)))
-
-    written.append(Path(shutil.copyfile(Path(__file__).with_name("app.py"), out / VENDORED_APP)))
-    # The app draws with cnc_hf.figures (the one renderer), which needs the heat-map colours: both travel too.
-    from cnc_hf import figures
-    from cnc_hf.modeling import heatmap
-
-    for module, name in ((figures, VENDORED_FIGURES), (heatmap, VENDORED_HEATMAP)):
-        written.append(Path(shutil.copyfile(module.__file__, out / name)))
+    example_files = _copy_examples(examples, out)
+    written += example_files + _copy_vendored_code(out)
     contents = {
-        SPACE_APP: _launcher(model_ref, title, bool(example_paths)),
+        SPACE_APP: _launcher(model_ref, title, bool(example_files)),
         "requirements.txt": "\n".join(REQUIREMENTS) + "\n",
         "README.md": _readme(model_id, title, _gradio_version(), short_description),
     }
@@ -160,6 +124,51 @@ def write_space_files(
         (out / file).write_text(text, encoding="utf-8")
         written.append(out / file)
     return written
+
+
+def _model_reference(name: str, out: Path, bundle_model: bool) -> tuple[str | None, str, list[Path]]:
+    """(Hub model id or None, what the launcher loads, files written): a Hub id as is, or a local model dir
+    copied into `out/model/` (only with `bundle_model`)."""
+    local = Path(name).expanduser()
+    if not local.is_dir():  # a Hub id, unless a folder of that name is here
+        if is_hub_id(name):
+            return name, name, []
+        raise ValueError(f"model_id_or_dir: {name!r} is neither a Hub id (org/name) nor an existing directory")
+    if not bundle_model:
+        raise ValueError(
+            f"{name} is a local directory; a Space loads its model from the Hub. Push it first "
+            "(cnc-hf push DIR ORG/NAME) and pass the repo id, or pass bundle_model=True to copy the model "
+            "into the Space (small models only)"
+        )
+    from cnc_hf.model_dir import validate_model_dir
+
+    files = [f for f in validate_model_dir(local) if f != "README.md"]
+    (out / BUNDLED_MODEL_DIR).mkdir(parents=True, exist_ok=True)
+    written = [Path(shutil.copyfile(local / file, out / BUNDLED_MODEL_DIR / file)) for file in files]
+    return None, BUNDLED_MODEL_DIR, written
+
+
+def _copy_examples(examples: Any, out: Path) -> list[Path]:
+    """Copy the example images into `out/examples/` (see `write_space_files`); return the copies."""
+    from cnc_hf.app import demo_examples, find_examples
+
+    if examples is False:
+        return []
+    paths = find_examples(demo_examples() if examples is None else examples)
+    if paths:
+        (out / EXAMPLES_DIR).mkdir(exist_ok=True)
+    return [Path(shutil.copyfile(path, out / EXAMPLES_DIR / Path(path).name)) for path in paths]
+
+
+def _copy_vendored_code(out: Path) -> list[Path]:
+    """cnc_hf/app.py as cnc_app.py, and what it draws with: cnc_hf.figures (the one renderer) and the
+    heat-map colours it needs."""
+    from cnc_hf import figures
+    from cnc_hf.modeling import heatmap
+
+    sources = ((Path(__file__).with_name("app.py"), VENDORED_APP), (figures.__file__, VENDORED_FIGURES),
+               (heatmap.__file__, VENDORED_HEATMAP))
+    return [Path(shutil.copyfile(source, out / name)) for source, name in sources]
 
 
 def push_space(

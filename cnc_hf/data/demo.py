@@ -177,38 +177,17 @@ def make_demo_dataset(
     out_dir = Path(out_dir).expanduser()
     params = f"parameters: seed={seed} image_size={image_size} n_train={n_train} n_test_good={n_test_good} " \
              f"n_test_defect={n_test_defect}"
-    if out_dir.exists() and any(out_dir.iterdir()):
-        readme = out_dir / "readme.txt"
-        text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
-        if text.startswith(_README_MARK) and params in text.splitlines():
-            return out_dir
-        reason = "holds a demo made with other parameters" if text.startswith(_README_MARK) else "is not empty"
-        raise FileExistsError(f"{out_dir} {reason}; pass a new or empty folder to make_demo_dataset")
+    if _holds_same_demo(out_dir, params):
+        return out_dir
 
     # Build in a sibling temp folder and move it into place: an interrupted run leaves no half set.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the demo is an ordinary folder
     try:
-        for index, (category, (texture_name, tint, stain_name, stain_tint)) in enumerate(DEMO_CATEGORIES.items()):
-            texture = _texture(texture_name)
-            context = {"stain_texture": _texture(stain_name), "stain_tint": stain_tint}
-
-            def clean(rng):
-                return _colorize(_crop(rng, texture, image_size), tint)
-
-            rng = np.random.default_rng([seed, index, 0])
-            for i in range(n_train):
-                _save(clean(rng), staging / category / "train" / "good" / f"{i:03d}.png")
-            rng = np.random.default_rng([seed, index, 1])
-            for i in range(n_test_good):
-                _save(clean(rng), staging / category / "test" / "good" / f"{i:03d}.png")
-            for kind_index, kind in enumerate(DEFECT_KINDS):
-                rng = np.random.default_rng([seed, index, 2 + kind_index])
-                for i in range(n_test_defect):
-                    image, mask = apply_defect(rng, clean(rng), kind, context)
-                    _save(image, staging / category / "test" / kind / f"{i:03d}.png")
-                    _save(mask.astype(np.uint8) * 255, staging / category / "ground_truth" / kind / f"{i:03d}_mask.png")
+        for index, category in enumerate(DEMO_CATEGORIES):
+            _write_category(staging / category, category, [seed, index], image_size,
+                            (n_train, n_test_good, n_test_defect))
         (staging / "readme.txt").write_text(_readme(params), encoding="utf-8")
         (staging / "license.txt").write_text(
             "Source photographs: scikit-image's skimage.data.brick, grass and gravel, CC0 1.0.\n", encoding="utf-8"
@@ -220,3 +199,44 @@ def make_demo_dataset(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def _holds_same_demo(out_dir: Path, params: str) -> bool:
+    """True if `out_dir` holds a demo made with `params`; False if it is missing or empty; else an error."""
+    if not (out_dir.exists() and any(out_dir.iterdir())):
+        return False
+    readme = out_dir / "readme.txt"
+    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    if text.startswith(_README_MARK) and params in text.splitlines():
+        return True
+    reason = "holds a demo made with other parameters" if text.startswith(_README_MARK) else "is not empty"
+    raise FileExistsError(f"{out_dir} {reason}; pass a new or empty folder to make_demo_dataset")
+
+
+def _write_category(folder: Path, category: str, seed: list[int], image_size: int,
+                    counts: tuple[int, int, int]) -> None:
+    """One category's train/good, test/<good|defect> and ground_truth/<defect> PNGs under `folder`.
+
+    `seed` is [seed, category index]; each part (train, test good, each defect kind) draws from its own
+    generator, so changing one count leaves the other parts' images as they were.
+    """
+    n_train, n_test_good, n_test_defect = counts
+    texture_name, tint, stain_name, stain_tint = DEMO_CATEGORIES[category]
+    texture = _texture(texture_name)
+    context = {"stain_texture": _texture(stain_name), "stain_tint": stain_tint}
+
+    def clean(rng):
+        return _colorize(_crop(rng, texture, image_size), tint)
+
+    rng = np.random.default_rng([*seed, 0])
+    for i in range(n_train):
+        _save(clean(rng), folder / "train" / "good" / f"{i:03d}.png")
+    rng = np.random.default_rng([*seed, 1])
+    for i in range(n_test_good):
+        _save(clean(rng), folder / "test" / "good" / f"{i:03d}.png")
+    for kind_index, kind in enumerate(DEFECT_KINDS):
+        rng = np.random.default_rng([*seed, 2 + kind_index])
+        for i in range(n_test_defect):
+            image, mask = apply_defect(rng, clean(rng), kind, context)
+            _save(image, folder / "test" / kind / f"{i:03d}.png")
+            _save(mask.astype(np.uint8) * 255, folder / "ground_truth" / kind / f"{i:03d}_mask.png")

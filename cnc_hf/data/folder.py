@@ -286,18 +286,7 @@ def load_image_folder(
     check_option("check_files", check_files, CHECK_FILES)
     if not 0 <= test_fraction < 1:
         raise ValueError(f"test_fraction: got {test_fraction}; expected a fraction in [0, 1)")
-    normal = _existing_folder(normal_dir, "normal_dir")
-    defect_dirs = [_existing_folder(d, "abnormal_dir") for d in _as_folder_list(abnormal_dir)]
-    masks_root = None if mask_dir is None else _existing_folder(mask_dir, "mask_dir")
-    normal_test = None if normal_test_dir is None else _existing_folder(normal_test_dir, "normal_test_dir")
-    named = [("normal_dir", normal)] + [("abnormal_dir", d) for d in defect_dirs]
-    named += [("normal_test_dir", normal_test)] if normal_test is not None else []
-    named += [("mask_dir", masks_root)] if masks_root is not None else []
-    check_separate_folders(named)
-    for folder in defect_dirs:
-        if folder.name == "good":
-            raise AnomalyDatasetError(f"abnormal_dir {folder} is named 'good', the defect_type of normal images; "
-                                      "rename the folder after its defect")
+    normal, defect_dirs, masks_root, normal_test = _checked_folders(normal_dir, abnormal_dir, mask_dir, normal_test_dir)
     if category is None:
         category = default_category(normal)
     elif not isinstance(category, str) or not category.strip():
@@ -318,6 +307,29 @@ def load_image_folder(
                                   "test_fraction")
     bad.warn_if_any()
     return build_dataset_dict({"train": train, "test": test}, normal)
+
+
+def _checked_folders(
+    normal_dir: str | os.PathLike,
+    abnormal_dir: str | os.PathLike | Sequence[str | os.PathLike] | None,
+    mask_dir: str | os.PathLike | None,
+    normal_test_dir: str | os.PathLike | None,
+) -> tuple[Path, list[Path], Path | None, Path | None]:
+    """(normal, defect folders, mask folder, normal test folder): each exists, none inside another, and
+    no defect folder is named 'good'."""
+    normal = _existing_folder(normal_dir, "normal_dir")
+    defect_dirs = [_existing_folder(d, "abnormal_dir") for d in _as_folder_list(abnormal_dir)]
+    masks_root = None if mask_dir is None else _existing_folder(mask_dir, "mask_dir")
+    normal_test = None if normal_test_dir is None else _existing_folder(normal_test_dir, "normal_test_dir")
+    named = [("normal_dir", normal)] + [("abnormal_dir", d) for d in defect_dirs]
+    named += [("normal_test_dir", normal_test)] if normal_test is not None else []
+    named += [("mask_dir", masks_root)] if masks_root is not None else []
+    check_separate_folders(named)
+    for folder in defect_dirs:
+        if folder.name == "good":
+            raise AnomalyDatasetError(f"abnormal_dir {folder} is named 'good', the defect_type of normal images; "
+                                      "rename the folder after its defect")
+    return normal, defect_dirs, masks_root, normal_test
 
 
 def _defect_records(defect_dirs: list[Path], masks_root: Path | None, category: str, bad: BadFiles,

@@ -88,12 +88,7 @@ def load_visa(
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"VisA root not found: {root} (expected a folder with split_csv/1cls.csv)")
-    if split_csv is None:
-        csv_path = root / "split_csv" / "1cls.csv"
-    else:
-        csv_path = Path(split_csv).expanduser()
-        if not csv_path.is_absolute() and not csv_path.exists():
-            csv_path = root / csv_path
+    csv_path = _split_csv_path(root, split_csv)
     rows = _read_csv(csv_path)
     available = sorted({row["object"] for row in rows if row["object"]})
     if not available:
@@ -104,44 +99,62 @@ def load_visa(
     descriptions = {c: _defect_descriptions(root, c) for c in sorted(keep)}
     records: dict[str, list[Record]] = {"train": [], "test": []}
     for line, row in enumerate(rows, start=2):  # line 1 is the header
-        category = row["object"]
-        if category not in keep:
+        if row["object"] not in keep:
             continue
-        where = f"{csv_path}:{line}"
-        split, label_name = row["split"].lower(), row["label"].lower()
-        if split not in records:
-            bad.report(f"{where}: split {row['split']!r}, expected 'train' or 'test'")
+        parsed = _row_record(row, root, descriptions[row["object"]], f"{csv_path}:{line}", bad)
+        if parsed is None:
             continue
-        if label_name not in VISA_LABELS:
-            bad.report(f"{where}: label {row['label']!r}, expected 'normal' or 'anomaly'")
-            continue
-        label = VISA_LABELS[label_name]
-        if not row["image"]:
-            bad.report(f"{where}: empty image path")
-            continue
-        image = root / row["image"]
-        if not image.is_file():
-            bad.report(f"image not found: {image}{link_note(image)} (listed at {where})")
-            continue
-        if split == "train" and label == 1:
-            bad.report(f"{where}: anomalous image {image} in the train split; training uses normal images only")
-            continue
-        mask = None
-        if label == 1:
-            if not row["mask"]:
-                bad.report(f"anomalous image without its mask: {image} (empty mask column at {where})")
-                continue
-            mask = root / row["mask"]
-            if not mask.is_file():
-                bad.report(f"mask not found: {mask}{link_note(mask)} for image {image} (listed at {where})")
-                continue
-        elif row["mask"]:
-            bad.report(f"{where}: normal image {image} has a mask {row['mask']}; expected an empty mask column")
-            continue
-        defect_type = "good" if label == 0 else descriptions[category].get(row["image"], "anomaly")
-        record = Record(str(image), None if mask is None else str(mask), label, category, defect_type)
+        split, record = parsed
         record = checked_record(record, check_files, bad)
         if record is not None:
             records[split].append(record)
     bad.warn_if_any()
     return build_dataset_dict(records, csv_path)
+
+
+def _split_csv_path(root: Path, split_csv: str | os.PathLike | None) -> Path:
+    """The split file: `<root>/split_csv/1cls.csv` by default; a relative path missing here is under root."""
+    if split_csv is None:
+        return root / "split_csv" / "1cls.csv"
+    csv_path = Path(split_csv).expanduser()
+    if not csv_path.is_absolute() and not csv_path.exists():
+        csv_path = root / csv_path
+    return csv_path
+
+
+def _row_record(
+    row: dict[str, str], root: Path, descriptions: dict[str, str], where: str, bad: BadFiles
+) -> tuple[str, Record] | None:
+    """(split, Record) for one csv row, or None after reporting why the row is bad."""
+    split, label_name = row["split"].lower(), row["label"].lower()
+    if split not in ("train", "test"):
+        bad.report(f"{where}: split {row['split']!r}, expected 'train' or 'test'")
+        return None
+    if label_name not in VISA_LABELS:
+        bad.report(f"{where}: label {row['label']!r}, expected 'normal' or 'anomaly'")
+        return None
+    label = VISA_LABELS[label_name]
+    if not row["image"]:
+        bad.report(f"{where}: empty image path")
+        return None
+    image = root / row["image"]
+    if not image.is_file():
+        bad.report(f"image not found: {image}{link_note(image)} (listed at {where})")
+        return None
+    if split == "train" and label == 1:
+        bad.report(f"{where}: anomalous image {image} in the train split; training uses normal images only")
+        return None
+    mask = None
+    if label == 1:
+        if not row["mask"]:
+            bad.report(f"anomalous image without its mask: {image} (empty mask column at {where})")
+            return None
+        mask = root / row["mask"]
+        if not mask.is_file():
+            bad.report(f"mask not found: {mask}{link_note(mask)} for image {image} (listed at {where})")
+            return None
+    elif row["mask"]:
+        bad.report(f"{where}: normal image {image} has a mask {row['mask']}; expected an empty mask column")
+        return None
+    defect_type = "good" if label == 0 else descriptions.get(row["image"], "anomaly")
+    return split, Record(str(image), None if mask is None else str(mask), label, row["object"], defect_type)
