@@ -39,7 +39,7 @@ EXAMPLES_DIR = "examples"
 REQUIREMENTS = [
     # What the model's remote code and cnc_app.py import (gradio is the Space SDK's own).
     "torch>=2.4",
-    "transformers>=5.0,<6",
+    "transformers>=5.15,<6",  # as cnc-hf's own floor (pyproject.toml)
     "safetensors>=0.4",
     "numpy",
     "pillow",
