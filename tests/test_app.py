@@ -23,7 +23,7 @@ import PIL.Image
 import pytest
 import torch
 
-from tiny_models import tiny_cnc_config
+from tiny_models import COLOURS, colour_split, coloured, tiny_cnc_config
 
 gr = pytest.importorskip("gradio", reason="the app needs gradio: pip install -e '.[app]'")
 
@@ -169,15 +169,6 @@ def test_build_app_without_threshold_uses_the_example_median_and_says_so(example
 
 
 # --------------------------------------------------------------------------- per-category decisions, the panel
-COLOURS = {"blue": (40, 60, 200), "green": (50, 180, 60), "red": (200, 50, 40)}
-
-
-def coloured(name: str, seed: int) -> PIL.Image.Image:
-    """A flat colour with mild noise: one 'product' per colour (as in test_categories.py)."""
-    pixels = np.asarray(COLOURS[name], np.float32) + np.random.default_rng(seed).normal(0, 12, (32, 32, 3))
-    return PIL.Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-
-
 @pytest.fixture(scope="module")
 def category_images(tmp_path_factory) -> Path:
     """One unseen image per colour category, plus gray noise that is unlike every category."""
@@ -193,8 +184,6 @@ def category_images(tmp_path_factory) -> Path:
 def category_detector(category_images):
     """A tiny model that recognises its three colour categories, with per-category thresholds set so that
     every decision at its own category's threshold is the opposite of the decision at the pooled one."""
-    import datasets
-
     from cnc_hf.calibration import fit_category_prototypes
     from cnc_hf.modeling import CNCModel
     from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
@@ -203,12 +192,7 @@ def category_detector(category_images):
     torch.manual_seed(0)
     model = CNCModel(tiny_cnc_config()).eval()
     processor = CNCImageProcessor(size=32)
-    rows = [{"image": coloured(name, seed), "category": name, "label": 0, "path": f"{name}/{seed}.png"}
-            for name in COLOURS for seed in range(6)]
-    split = datasets.Dataset.from_list(rows, features=datasets.Features({
-        "image": datasets.Image(), "category": datasets.Value("string"), "label": datasets.Value("int64"),
-        "path": datasets.Value("string")}))
-    fit_category_prototypes(model, processor, [split], batch_size=6, progress=False)
+    fit_category_prototypes(model, processor, [colour_split()], batch_size=6, progress=False)
     pipe = AnomalyMapPipeline(model=model, image_processor=processor)
     scores = {name: pipe(str(category_images / f"{name}.png"))["score"] for name in COLOURS}
     low, *_, high = sorted(COLOURS, key=scores.get)

@@ -12,21 +12,13 @@ import PIL.Image
 import pytest
 import torch
 
-from tiny_models import tiny_cnc_config
+from tiny_models import COLOURS, colour_split, coloured, tiny_cnc_config
 from cnc_hf.modeling import CNCModel
 from cnc_hf.modeling.category import embed, prototypes_from, recognise
 from cnc_hf.modeling.decision import decide
 from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor
 
-COLOURS = {"blue": (40, 60, 200), "green": (50, 180, 60), "red": (200, 50, 40)}
 THRESHOLDS = {"blue": 0.5, "green": 5.0, "red": 50.0}
-
-
-def coloured(name: str, seed: int) -> PIL.Image.Image:
-    """A flat colour with mild noise: one 'product' per colour."""
-    rng = np.random.default_rng(seed)
-    pixels = np.asarray(COLOURS[name], np.float32) + rng.normal(0, 12, (32, 32, 3))
-    return PIL.Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 def unlike_any(seed: int = 99) -> PIL.Image.Image:
@@ -69,18 +61,12 @@ def test_decide_uses_the_recognised_categorys_threshold():
 @pytest.fixture(scope="module")
 def fitted():
     """A tiny CNC model with prototypes fitted on 6 images of each colour category."""
-    import datasets
-
     from cnc_hf.calibration import fit_category_prototypes
 
     torch.manual_seed(0)
     model = CNCModel(tiny_cnc_config(threshold=1.0, category_thresholds=THRESHOLDS)).eval()
     processor = CNCImageProcessor(size=32)
-    rows = [{"image": coloured(name, seed), "category": name, "label": 0, "path": f"{name}/{seed}.png"}
-            for name in COLOURS for seed in range(6)]
-    split = datasets.Dataset.from_list(rows, features=datasets.Features({
-        "image": datasets.Image(), "category": datasets.Value("string"), "label": datasets.Value("int64"),
-        "path": datasets.Value("string")}))
+    split = colour_split()
     summary = fit_category_prototypes(model, processor, [split.select(range(0, 18, 2)), split.select(range(1, 18, 2))],
                                       batch_size=4, progress=False)
     return model, processor, summary

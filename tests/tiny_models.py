@@ -65,3 +65,27 @@ def _bytes_to_unicode() -> dict[int, str]:
             cs.append(256 + n)
             n += 1
     return dict(zip(bs, map(chr, cs)))
+
+
+# Colour "products" for category recognition: a flat colour with mild noise, one category per colour.
+COLOURS = {"blue": (40, 60, 200), "green": (50, 180, 60), "red": (200, 50, 40)}
+
+
+def coloured(name: str, seed: int):
+    """A 32x32 image of the colour category `name` (PIL RGB)."""
+    import numpy as np
+    import PIL.Image
+
+    pixels = np.asarray(COLOURS[name], np.float32) + np.random.default_rng(seed).normal(0, 12, (32, 32, 3))
+    return PIL.Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def colour_split(seeds=range(6)):
+    """A datasets.Dataset of normal images (image, category, label, path): every colour at every seed."""
+    import datasets
+
+    rows = [{"image": coloured(name, seed), "category": name, "label": 0, "path": f"{name}/{seed}.png"}
+            for name in COLOURS for seed in seeds]
+    return datasets.Dataset.from_list(rows, features=datasets.Features({
+        "image": datasets.Image(), "category": datasets.Value("string"), "label": datasets.Value("int64"),
+        "path": datasets.Value("string")}))
