@@ -93,3 +93,21 @@ def test_onnx_benchmark_runs_and_checks_equality(tmp_path):
         assert row["ort_int8_map"]["correlation"] > 0.9  # int8 drifts, but stays the same map
         assert row["ort_fp32_img_s"] > 0 and row["ort_fp32_vs_torch_cnc"] > 0
     assert json.loads((tmp_path / "onnx.json").read_text())["rows"][0]["batch"] == 1
+
+
+def test_nearest_neighbour_bound_by_hand_and_end_to_end(tmp_path, tiny_clip_dir):
+    from cnc_hf.data import make_demo_dataset
+    from cnc_hf_train.feature_bound import main as bound_main, nearest_neighbour_scores
+
+    # One layer, 2-D tokens: a test image made of training tokens scores 0, one with an orthogonal token 1,
+    # one with a token at 60 degrees from the nearest 1 - cos(60) = 0.5.
+    train = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])  # (images, layers, tokens, C)
+    test = torch.tensor([[[[0.0, 1.0], [1.0, 0.0]]], [[[1.0, 0.0], [0.0, -1.0]]], [[[0.5, -(3 ** 0.5) / 2], [1.0, 0.0]]]])
+    assert nearest_neighbour_scores(train, test)[:, 0] == pytest.approx([0.0, 1.0, 0.5])
+    data = make_demo_dataset(tmp_path / "demo", seed=0, image_size=32, n_train=3, n_test_good=2, n_test_defect=2)
+    assert bound_main(["--data_dir", str(data), "--clip_model", str(tiny_clip_dir), "--image_size", "32",
+                       "--output", str(tmp_path / "bound.json")]) == 0
+    table = json.loads((tmp_path / "bound.json").read_text())
+    assert table["layers"] == [1, 2, 3] and set(table["auroc"]) == {"brick", "grass", "gravel"}
+    assert set(table["auroc"]["brick"]) == {"hole", "scratch", "stain"}
+    assert all(0.0 <= v <= 1.0 for kinds in table["auroc"].values() for row in kinds.values() for v in row.values())
