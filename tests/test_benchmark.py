@@ -26,8 +26,10 @@ def test_timed_pair_measures_a_known_ratio():
     import time
 
     a, b, ratio = timed_pair(lambda: time.sleep(0.01), lambda: time.sleep(0.03), repeats=3, device=torch.device("cpu"))
-    assert 0.01 <= a < 0.02 and 0.03 <= b < 0.045
-    assert 2.0 < ratio < 3.2
+    # Sleeps never end early, but on a loaded machine they end late (a CI run saw 3.33): the lower bounds are
+    # exact, the upper ones loose; a swapped pair (ratio ~0.33) or a wrong ratio still fails.
+    assert 0.01 <= a < 0.2 and 0.03 <= b < 0.3
+    assert 1.5 < ratio < 6.0  # the median of the per-round ratios
 
 
 def test_benchmark_reports_every_figure(tmp_path):
