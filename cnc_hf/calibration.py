@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from cnc_hf.scoring import gather, predict_image_scores
+from cnc_hf.scoring import gather, predict_image_scores, sharded_batches
 
 DEFAULT_THRESHOLD_QUANTILE = 0.99
 THRESHOLD_METHOD = "quantile of the image scores of held-out normal training images (linear interpolation)"
@@ -67,27 +66,17 @@ def fit_category_prototypes(model, processor, splits, batch_size: int = 8, accel
     (`factor` x that distance; default `cnc_hf.modeling.category.DEFAULT_DISTANCE_FACTOR`).
 
     Only the frozen vision tower runs (up to the deepest tapped layer), once per image."""
-    from tqdm.auto import tqdm
-
-    from cnc_hf.data import make_collate_fn
     from cnc_hf.modeling.category import DEFAULT_DISTANCE_FACTOR, embed, prototypes_from
 
     factor = DEFAULT_DISTANCE_FACTOR if factor is None else factor
     unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
     device = accelerator.device if accelerator is not None else next(unwrapped.parameters()).device
-    main = accelerator is None or accelerator.is_local_main_process
     embeddings, labels = [], []
     for split in (s for s in splits if s is not None and len(s)):
         names = sorted(set(split["category"]))
-        loader = DataLoader(split, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                            collate_fn=make_collate_fn(processor))
-        if accelerator is not None:
-            from accelerate.data_loader import prepare_data_loader
-
-            loader = prepare_data_loader(loader, device, num_processes=accelerator.num_processes,
-                                         process_index=accelerator.process_index, put_on_device=True)
         with torch.no_grad():
-            for batch in tqdm(loader, desc="category prototypes", disable=not (progress and main), leave=False):
+            for batch in sharded_batches(split, processor, batch_size, device, accelerator, num_workers, progress,
+                                         desc="category prototypes"):
                 emb = embed(unwrapped.encode_image(batch["pixel_values"].to(device)))
                 ids = torch.tensor([names.index(c) for c in batch["categories"]], device=emb.device)
                 emb, ids = gather(accelerator, (emb, ids))

@@ -34,6 +34,7 @@ def category_decisions(scores: np.ndarray, labels: np.ndarray, categories: list[
     model's `category_similarity`) the category is recognised from the image first, as the pipeline does
     when no category is passed, and a "recognition" entry says how often it named the right one.
     Returns {} when no threshold exists."""
+    from cnc_hf.modeling.configuration_cnc import threshold_for
     from cnc_hf.modeling.decision import decide
 
     categories = np.asarray(categories)
@@ -47,8 +48,8 @@ def category_decisions(scores: np.ndarray, labels: np.ndarray, categories: list[
     per_category = {}
     for name in sorted(set(categories.tolist())):
         chosen = categories == name
-        own = decide(0.0, config, category=name)
-        per_category[name] = {"threshold": float(own["threshold"]), "threshold_source": own["threshold_source"],
+        own, source = threshold_for(config.threshold, getattr(config, "category_thresholds", None), name)
+        per_category[name] = {"threshold": float(own), "threshold_source": source,
                               **threshold_decisions(scores[chosen], labels[chosen], per_image[chosen])}
         if similarities is not None:
             per_category[name]["category_accuracy"] = float(np.mean(named[chosen] == name))

@@ -16,6 +16,7 @@ Only numpy and PIL (no torch), so the ONNX Runtime path and the app can draw it 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -67,7 +68,9 @@ class Example:
         return bool(self.is_anomaly) == bool(self.label)
 
 
+@functools.lru_cache(maxsize=4)
 def font(size: int = _FONT_SIZE):
+    """PIL's default font at `size`, loaded once (the app draws a panel per click)."""
     try:
         return PIL.ImageFont.load_default(size=size)
     except (TypeError, OSError, ImportError):  # Pillow without FreeType: the fixed bitmap font

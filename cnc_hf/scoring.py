@@ -17,15 +17,32 @@ def score_batches(model, processor, dataset_split, batch_size: int, accelerator=
     caller gathers with `gather_for_metrics`). The model runs in eval mode, without autocast, so that
     scores are the same whatever mixed precision training used.
     """
-    from tqdm.auto import tqdm
-
-    from cnc_hf.data import make_collate_fn
-
     if accelerator is not None:
         model = accelerator.unwrap_model(model)
     was_training = model.training
     model.eval()
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for batch in sharded_batches(dataset_split, processor, batch_size, device, accelerator, num_workers,
+                                         progress, desc):
+                output = model(pixel_values=batch["pixel_values"].to(device))
+                similarity = output.category_similarity
+                yield (batch, output.anomaly_map.float(), output.image_score.float(),
+                       None if similarity is None else similarity.float())
+    finally:
+        model.train(was_training)
+
+
+def sharded_batches(dataset_split, processor, batch_size: int, device, accelerator=None, num_workers: int = 0,
+                    progress: bool = True, desc: str = "eval"):
+    """The collated batches (`cnc_hf.data.make_collate_fn`) of this process's shard of `dataset_split`, in order,
+    with a progress bar on the main process. With an `accelerator` the shards are padded to even batches
+    (gather with `gather_for_metrics`)."""
+    from tqdm.auto import tqdm
+
+    from cnc_hf.data import make_collate_fn
+
     loader = DataLoader(dataset_split, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=make_collate_fn(processor))
     if accelerator is not None:
@@ -35,15 +52,7 @@ def score_batches(model, processor, dataset_split, batch_size: int, accelerator=
         loader = prepare_data_loader(loader, device, num_processes=accelerator.num_processes,
                                      process_index=accelerator.process_index, put_on_device=True)
     main = accelerator is None or accelerator.is_local_main_process
-    try:
-        with torch.no_grad():
-            for batch in tqdm(loader, desc=desc, disable=not (progress and main), leave=False):
-                output = model(pixel_values=batch["pixel_values"].to(device))
-                similarity = output.category_similarity
-                yield (batch, output.anomaly_map.float(), output.image_score.float(),
-                       None if similarity is None else similarity.float())
-    finally:
-        model.train(was_training)
+    yield from tqdm(loader, desc=desc, disable=not (progress and main), leave=False)
 
 
 def gather(accelerator, tensors):
