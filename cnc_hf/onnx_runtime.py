@@ -55,19 +55,22 @@ class OnnxAnomalyDetector:
         self.metadata = json.loads(stored)
         self.image_size = int(self.metadata["image_size"])
         self.processor = CNCImageProcessor(**self.metadata["processor"])
-        self.threshold = self.metadata.get("threshold") if threshold is None else float(threshold)
         config = self.metadata.get("config", {})
-        self.category_thresholds = config.get("category_thresholds")
         # What modeling.decision.decide reads, as the pipeline reads it from the model's config.
-        self.config = SimpleNamespace(threshold=self.threshold, category_thresholds=self.category_thresholds,
-                                      categories=config.get("categories"),
-                                      category_distance_limits=config.get("category_distance_limits"))
+        self.config = SimpleNamespace(
+            threshold=self.metadata.get("threshold") if threshold is None else float(threshold),
+            **{key: config.get(key) for key in ("category_thresholds", "categories", "category_distance_limits")})
+
+    @property
+    def threshold(self) -> float | None:
+        """The pooled threshold: `threshold=` given to the constructor, else the calibrated one."""
+        return self.config.threshold
 
     def decision_threshold(self, category: str | None = None, threshold: float | None = None):
         """(threshold, source) that decides for `category`, as `AnomalyMapPipeline.decision_threshold`."""
         from cnc_hf.modeling.configuration_cnc import threshold_for
 
-        return threshold_for(self.threshold, self.category_thresholds, category, threshold)
+        return threshold_for(self.config.threshold, self.config.category_thresholds, category, threshold)
 
     def run(self, pixel_values: np.ndarray) -> tuple[np.ndarray, ...]:
         """The raw graph: (B, 3, S, S) float32 -> (anomaly_map (B, S, S), image_score (B,)[, category_similarity
