@@ -322,7 +322,7 @@ def render_raw_map(anomaly_map: np.ndarray, threshold: float | None = None, max_
     import warnings
 
     from cnc_hf.figures import colour_bar
-    from cnc_hf.modeling.heatmap import overlay_heatmap
+    from cnc_hf.modeling.heatmap import overlay_heatmap, threshold_range
 
     warnings.warn("cnc_hf.app.render_raw_map is deprecated and will be removed; the app draws the selected image "
                   "with cnc_hf.figures.render_examples (see cnc_hf.app.selected_panel)", FutureWarning, stacklevel=2)
@@ -330,7 +330,7 @@ def render_raw_map(anomaly_map: np.ndarray, threshold: float | None = None, max_
     scale = max_side / max(amap.shape)
     size = (max(1, round(amap.shape[1] * scale)), max(1, round(amap.shape[0] * scale)))
     known = threshold is not None and threshold > 0
-    coloured = overlay_heatmap(PIL.Image.new("RGB", size), amap, (0.0, 2.0 * threshold) if known else None,
+    coloured = overlay_heatmap(PIL.Image.new("RGB", size), amap, threshold_range(threshold),
                                alpha=1.0, max_side=max(size))
     bar = colour_bar(coloured.width, thresholds_known=known)
     canvas = PIL.Image.new("RGB", (coloured.width, coloured.height + 4 + bar.height), "white")

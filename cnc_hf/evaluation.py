@@ -158,7 +158,7 @@ def _write_heatmap(out_dir: Path, batch: dict, i: int, anomaly_map: torch.Tensor
 
     from cnc_hf.figures import Example, render_examples
     from cnc_hf.modeling.decision import decide
-    from cnc_hf.modeling.heatmap import overlay_heatmap
+    from cnc_hf.modeling.heatmap import overlay_heatmap, threshold_range
 
     mean = np.asarray(processor.image_mean, dtype=np.float32)[:, None, None]
     std = np.asarray(processor.image_std, dtype=np.float32)[:, None, None]
@@ -167,7 +167,7 @@ def _write_heatmap(out_dir: Path, batch: dict, i: int, anomaly_map: torch.Tensor
     category, label = batch["categories"][i], int(batch["labels"][i])
     decision = decide(score, config, category=None if similarity else category, similarity=similarity)
     threshold = decision["threshold"]
-    overlay = overlay_heatmap(image, anomaly_map.float().cpu().numpy(), (0.0, 2.0 * threshold) if threshold else None)
+    overlay = overlay_heatmap(image, anomaly_map.float().cpu().numpy(), threshold_range(threshold))
     truth = None
     if bool(batch["has_mask"][i]) or label == 0:
         truth = PIL.Image.fromarray((batch["masks"][i].float().cpu().numpy() * 255).astype(np.uint8), "L")

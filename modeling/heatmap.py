@@ -10,17 +10,30 @@ HEATMAP_MAX_SIDE = 2048
 HEATMAP_ALPHA = 0.5
 
 
+def _jet_table() -> np.ndarray:
+    x = np.linspace(0.0, 1.0, 256, dtype=np.float32)
+    lut = np.stack([np.clip(1.5 - np.abs(4.0 * x - c), 0.0, 1.0) for c in (3.0, 2.0, 1.0)], axis=-1)
+    return np.round(lut * 255.0).astype(np.uint8)
+
+
+_JET = _jet_table()  # built once, not per heat map
+
+
 def jet_colormap(values: np.ndarray) -> np.ndarray:
     """Map values in [0, 1] to jet RGB (uint8, shape + (3,)): blue -> cyan -> green -> yellow -> red.
 
     The classic piecewise-linear jet, computed through a 256-entry lookup table so that a large
     map costs one uint8 index array and one gather (no matplotlib dependency).
     """
-    x = np.linspace(0.0, 1.0, 256, dtype=np.float32)
-    lut = np.stack([np.clip(1.5 - np.abs(4.0 * x - c), 0.0, 1.0) for c in (3.0, 2.0, 1.0)], axis=-1)
-    lut = np.round(lut * 255.0).astype(np.uint8)
+    lut = _JET
     index = np.round(np.clip(np.nan_to_num(values, nan=0.0), 0.0, 1.0) * 255.0).astype(np.uint8)
     return lut[index]
+
+
+def threshold_range(threshold: float | None) -> tuple[float, float] | None:
+    """The colour scale of a heat map decided at `threshold`: (0, 2 x threshold), so the threshold sits at the
+    middle (green) and red is twice it; None (each map's own min..max) without a positive threshold."""
+    return (0.0, 2.0 * threshold) if threshold is not None and threshold > 0 else None
 
 
 def fit_within(width: int, height: int, max_side: int) -> tuple[int, int]:

@@ -52,7 +52,7 @@ from transformers.utils import logging
 
 from .configuration_cnc import check_threshold, threshold_for
 from .decision import decide
-from .heatmap import HEATMAP_ALPHA, HEATMAP_MAX_SIDE, fit_within, jet_colormap
+from .heatmap import HEATMAP_ALPHA, HEATMAP_MAX_SIDE, fit_within, jet_colormap, threshold_range
 from .heatmap import overlay_heatmap as _overlay
 from .image_processing_cnc import CNCImageProcessor, _describe, load_rgb, to_rgb_pil  # noqa: F401  (re-exported)
 
@@ -204,8 +204,7 @@ class AnomalyMapPipeline(Pipeline):
             self._warn_no_threshold()
         heatmap = None
         if return_heatmap:
-            if heatmap_range is None and threshold is not None and threshold > 0:
-                heatmap_range = (0.0, 2.0 * threshold)
+            heatmap_range = heatmap_range or threshold_range(threshold)
             # Coloured from the model-resolution map: the full-size float map is never copied for display.
             heatmap = overlay_heatmap(model_outputs["image"], small_map, heatmap_range)
         return {

@@ -93,6 +93,8 @@ def test_bad_inputs_are_value_errors_naming_them(onnx_file, tmp_path):
         detector(np.zeros((8, 8, 5), np.uint8))
     with pytest.raises(ValueError, match="missing.png'?: no such file"):
         detector(str(tmp_path / "missing.png"))
+    with pytest.raises(ValueError, match="batch_size: got 0; expected an int >= 1"):  # was [] or an IndexError
+        detector(np.zeros((8, 8, 3), np.uint8), batch_size=0)
     with pytest.raises(ValueError, match="no such file"):
         OnnxAnomalyDetector(tmp_path / "nothing.onnx")
 

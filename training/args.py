@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from cnc_hf.modeling.category import DEFAULT_DISTANCE_FACTOR
+
 EPOCH_DEFAULTS = {"mvtec": 250, "visa": 200, "demo": 15}  # the paper's, and a quick one for the demo set
 OTHER_DATASET_EPOCHS = 200
 NAMED_DATASETS = ("mvtec", "mvtec_ad", "mvtec-ad", "mvtecad", "visa", "demo", "folder")
@@ -94,7 +96,7 @@ class DataArguments:
                                              "with >= 2 images); 0 disables")
     threshold_quantile: float = _flag(0.99, "threshold = this quantile (linear interpolation) of the held-out images' "
                                             "scores; 1 = max")
-    category_distance_factor: float = _flag(4.0, "an image farther from every category prototype than this factor x "
+    category_distance_factor: float = _flag(DEFAULT_DISTANCE_FACTOR, "an image farther from every category prototype than this factor x "
                                                  "the category's largest training-image distance is 'unrecognised' "
                                                  "(category None, pooled threshold)")
     num_workers: int = _flag(min(4, os.cpu_count() or 1), "data loader worker processes (image decoding)")

@@ -3,10 +3,10 @@
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
+from cnc_hf.hub_ids import is_hub_id
 from cnc_hf_train.args import LEGACY_RUN_FLAGS, NAMED_DATASETS, RUN_IDENTITY_FLAGS, TrainingSetupError, config_overrides
 
 
@@ -72,7 +72,7 @@ def check_clip_model(name: str) -> None:
         if not weights:
             raise TrainingSetupError(f"--clip_model {name}: no weights (model.safetensors or pytorch_model.bin) in "
                                      "the dir; a CLIP checkpoint needs its weights")
-    elif name.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+    elif name.startswith((".", "/", "~")) or not is_hub_id(name, bare=True):
         raise TrainingSetupError(f"--clip_model {name}: no such directory (and not a Hub id)")
 
 
@@ -98,7 +98,7 @@ def check_dataset_name(args) -> None:
             if not Path(args.data_dir).expanduser().is_dir():
                 raise TrainingSetupError(f"--data_dir {args.data_dir}: no such directory")
         return
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+    if not is_hub_id(name):
         raise TrainingSetupError(f"--dataset {name!r}: unknown dataset; expected one of mvtec, visa, demo, a parquet "
                                  "dataset dir or a Hub dataset id (owner/name)")
 

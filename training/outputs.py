@@ -96,39 +96,29 @@ def write_reports(run, metrics: dict | None, summary: dict) -> None:
 
 
 def save_model_dir(model, processor, output_dir: Path) -> None:
-    """Weights, config, processor and code files (+ pipeline registration when cnc_hf.pipeline has it)."""
-    try:
-        from cnc_hf.pipeline import save_model_dir as save
-    except ImportError:
-        save = None
-    if save is not None:
-        save(model, processor, output_dir)
-    else:
-        model.save_pretrained(output_dir)
-        processor.save_pretrained(output_dir)
+    """Weights, config, processor and code files (cnc_hf.model_dir.save_model_dir)."""
+    from cnc_hf.model_dir import save_model_dir as save
+
+    save(model, processor, output_dir)
 
 
 def write_model_card(output_dir: Path, metrics: dict | None, args, training_args: dict | None = None) -> None:
-    """README.md via cnc_hf.hub when available, else a minimal card with the metrics table. `training_args`
-    (default: those of `args`) go to training_args.json through cnc_hf.hub.public_training_args."""
-    training_args = {k: v for k, v in (training_args or flags_of(args)).items()
-                     if k not in ("overwrite_output_dir", "no_progress")}
+    """README.md by cnc_hf.model_card, else (a failing template) a minimal card with the metrics table.
+    `training_args` (default: those of `args`) go to training_args.json through model_card.public_training_args,
+    which leaves out the machine-specific flags."""
+    from cnc_hf.model_card import write_model_card as write
+
     try:
-        from cnc_hf.hub import write_model_card as write
-    except ImportError:
-        write = None
-    if write is not None:
-        try:
-            write(output_dir, metrics=metrics, dataset=str(args.dataset), training_args=training_args)
-            return
-        except Exception as err:  # the card is the last step: a template problem must not cost the trained model
-            print(f"warning: cnc_hf.hub.write_model_card failed ({err}); writing a minimal README.md instead")
+        write(output_dir, metrics=metrics, dataset=str(args.dataset), training_args=training_args or flags_of(args))
+        return
+    except Exception as err:  # the card is the last step: a template problem must not cost the trained model
+        print(f"warning: cnc_hf.model_card.write_model_card failed ({err}); writing a minimal README.md instead")
     from cnc_hf.metrics import format_metrics_table
 
     table = format_metrics_table(metrics) if metrics and "per_category" in metrics else "(not evaluated)"
     threshold = (metrics or {}).get("threshold", {})
     (output_dir / "README.md").write_text(
-        "---\nlibrary_name: transformers\ntags:\n- anomaly-detection\n- cnc\npipeline_tag: image-anomaly-detection\n---\n"
+        "---\nlibrary_name: transformers\ntags:\n- anomaly-detection\n- cnc\npipeline_tag: other\n---\n"
         f"# CNC anomaly detector\n\nCNC (Cross-modal Normality Constraint, AAAI 2025) trained with `training/train.py` "
         f"on `{args.dataset}` from `{args.clip_model}` for {args.epochs} epochs.\n\n## Test metrics (%)\n\n{table}\n\n"
         f"Decision threshold: {threshold.get('value')} ({threshold.get('method', 'not calibrated')}).\n"
