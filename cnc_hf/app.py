@@ -73,7 +73,7 @@ def load_detector(model_or_dir: Any, trust_remote_code: bool = False, device: An
     if callable(model_or_dir) and hasattr(model_or_dir, "model") and hasattr(model_or_dir, "postprocess"):
         return model_or_dir  # already a pipeline
     if hasattr(model_or_dir, "config") and hasattr(model_or_dir, "forward"):  # a CNCModel instance
-        from cnc_hf.pipeline import AnomalyMapPipeline
+        from cnc_hf.modeling.pipeline_cnc import AnomalyMapPipeline
 
         return AnomalyMapPipeline(model=model_or_dir)
     name = os.fspath(model_or_dir)

@@ -152,15 +152,10 @@ def train(args, data_dir: Path, clip: str, image_size: int, model_dir: Path) -> 
 
 def report(out: Path, model_dir: Path) -> None:
     """The test metrics, the decisions (category given and recognised) and the targets, printed and in metrics.md."""
-    from cnc_hf.decisions import format_decisions_table
-    from cnc_hf.metrics import format_metrics_table
+    from cnc_hf.evaluation import metrics_markdown
 
     metrics = json.loads((model_dir / "metrics.json").read_text())
-    table = format_metrics_table(metrics)
-    if metrics.get("decisions"):
-        table += "\n\n" + format_decisions_table(metrics["decisions"])
-    if metrics.get("decisions_recognised"):
-        table += "\n\n" + format_decisions_table(metrics["decisions_recognised"], recognised=True)
+    table = metrics_markdown(metrics)
     table += "\n\n" + report_targets(metrics)
     print(table)
     (out / "metrics.md").write_text(table + "\n")

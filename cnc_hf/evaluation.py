@@ -183,21 +183,26 @@ def _write_heatmap(out_dir: Path, batch: dict, i: int, anomaly_map: torch.Tensor
 
 
 # ----------------------------------------------------------------------------- outputs
-def write_metrics(metrics: dict, output_dir: str | os.PathLike, extra: dict | None = None) -> tuple[Path, Path]:
-    """metrics.json (everything) and metrics.md (the paper's per-category table) in `output_dir`."""
+def metrics_markdown(metrics: dict) -> str:
+    """The paper's per-category table, then the decisions with the category given and recognised."""
     from cnc_hf.metrics import format_metrics_table
 
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {**metrics, **(extra or {})}
-    json_path, md_path = out / "metrics.json", out / "metrics.md"
-    json_path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     text = format_metrics_table(metrics)
     if metrics.get("decisions"):
         text += "\n\n" + format_decisions_table(metrics["decisions"])
     if metrics.get("decisions_recognised"):
         text += "\n\n" + format_decisions_table(metrics["decisions_recognised"], recognised=True)
-    md_path.write_text(text + "\n")
+    return text
+
+
+def write_metrics(metrics: dict, output_dir: str | os.PathLike, extra: dict | None = None) -> tuple[Path, Path]:
+    """metrics.json (everything) and metrics.md (the paper's per-category table) in `output_dir`."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {**metrics, **(extra or {})}
+    json_path, md_path = out / "metrics.json", out / "metrics.md"
+    json_path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    md_path.write_text(metrics_markdown(metrics) + "\n")
     return json_path, md_path
 
 

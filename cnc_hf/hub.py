@@ -204,9 +204,7 @@ def load_model(id_or_dir: str | os.PathLike, **kwargs):
 
 def load_pipeline(id_or_dir: str | os.PathLike, **kwargs):
     """`pipeline("image-anomaly-detection", model=id_or_dir, **kwargs)` with the same clear error."""
-    from transformers import pipeline
-
-    import cnc_hf.pipeline  # noqa: F401  (registers the task)
+    from transformers import pipeline  # the task is registered: importing cnc_hf ran cnc_hf.registration
 
     check_local_model_argument(id_or_dir)
     try:

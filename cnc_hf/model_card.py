@@ -219,7 +219,7 @@ def render_heatmap_example(model_dir: str | os.PathLike, image: Any, out_path: s
     from cnc_hf.figures import Example, render_examples
     from cnc_hf.modeling import CNCModel
     from cnc_hf.modeling.image_processing_cnc import CNCImageProcessor, load_rgb
-    from cnc_hf.pipeline import AnomalyMapPipeline
+    from cnc_hf.modeling.pipeline_cnc import AnomalyMapPipeline
 
     model_dir = Path(model_dir)
     out_path = Path(out_path) if out_path is not None else model_dir / HEATMAP_EXAMPLE

@@ -353,15 +353,16 @@ def check_threshold(value, name: str = "threshold") -> float | None:
 
 
 def threshold_for(threshold: float | None, category_thresholds: dict | None, category: str | None,
-                  override: float | None = None):
+                  override: float | None = None, strict: bool = True):
     """(threshold, where it came from) that decides for an image of `category`: `override` when given
     ("call"); else the category's own calibrated threshold when the model has one ("category"); else the
     pooled `threshold` ("pooled"). A category name the model has no threshold for (a typo, another
-    product) is a ValueError naming the known ones, never a silent fallback. Shared by the pipeline and
-    the ONNX Runtime path."""
+    product) is a ValueError naming the known ones, never a silent fallback; with `strict=False` (a
+    category the model itself recognised, that calibration held no image of) the pooled one decides.
+    Shared by the pipeline and the ONNX Runtime path."""
     if override is not None:
         return check_threshold(override), "call"
-    if category is None or not category_thresholds:
+    if category is None or not category_thresholds or (not strict and category not in category_thresholds):
         return check_threshold(threshold, "config.threshold"), "pooled"
     if category not in category_thresholds:
         raise ValueError(f"category {category!r}: the model has calibrated thresholds for "

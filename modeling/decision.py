@@ -24,10 +24,8 @@ def decide(score: float, config, category: str | None = None, similarity: Sequen
     if category is None and similarity is not None and categories:
         category, nearest, distance = recognise(similarity, categories, getattr(config, "category_distance_limits", None))
         source = "recognised" if category is not None else "unrecognised"
-    thresholds = getattr(config, "category_thresholds", None)
-    # A recognised category without a threshold of its own (calibration held none of it out) uses the pooled one.
-    lookup = category if source == "given" or (category is not None and category in (thresholds or {})) else None
-    value, threshold_source = threshold_for(config.threshold, thresholds, lookup, threshold)
+    value, threshold_source = threshold_for(config.threshold, getattr(config, "category_thresholds", None), category,
+                                            threshold, strict=source == "given")
     return {
         "category": category,
         "category_source": source,
