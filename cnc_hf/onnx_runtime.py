@@ -87,34 +87,23 @@ class OnnxAnomalyDetector:
     def __call__(self, images: Any, batch_size: int = 8, threshold: float | None = None,
                  return_heatmap: bool = True, category: str | None = None):
         """Score one image or a list of them; returns one result dict, or a list for a list."""
-        from cnc_hf.modeling.heatmap import overlay_heatmap, threshold_range
+        from cnc_hf.modeling.decision import image_result
         from cnc_hf.modeling.image_processing_cnc import load_rgb
 
-        single = not isinstance(images, (list, tuple))
-        items = [images] if single else list(images)
-        from cnc_hf.modeling.decision import decide
-
-        if category is not None:
-            self.decision_threshold(category, threshold)  # an unknown category fails before any image is read
-        results = []
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size: got {batch_size!r}; expected an int >= 1")
+        if category is not None:
+            self.decision_threshold(category, threshold)  # an unknown category fails before any image is read
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        results = []
         for start in range(0, len(items), batch_size):
             rgbs = [load_rgb(item) for item in items[start:start + batch_size]]
             pixel_values = self.processor(rgbs, return_tensors="np")["pixel_values"]
             maps, scores, *similarities = self.run(pixel_values)
             for k, (rgb, small, score) in enumerate(zip(rgbs, maps, scores)):
-                decision = decide(float(score), self.config, category,
-                                  similarities[0][k] if similarities else None, threshold)
-                heatmap, value = None, decision["threshold"]
-                if return_heatmap:  # coloured from the model-resolution map, as the pipeline does
-                    heatmap = overlay_heatmap(rgb, small, threshold_range(value))
-                results.append({
-                    "score": float(score),
-                    "is_anomaly": decision.pop("is_anomaly"),
-                    "anomaly_map": self.processor.post_process_anomaly_map(small, (rgb.height, rgb.width)),
-                    "heatmap": heatmap,
-                    **decision,
-                })
+                results.append(image_result(float(score), small, rgb, (rgb.height, rgb.width), self.processor,
+                                            self.config, category, similarities[0][k] if similarities else None,
+                                            threshold, return_heatmap=return_heatmap))
         return results[0] if single else results
 

@@ -51,8 +51,8 @@ from transformers import Pipeline
 from transformers.utils import logging
 
 from .configuration_cnc import check_threshold, threshold_for
-from .decision import decide
-from .heatmap import HEATMAP_ALPHA, HEATMAP_MAX_SIDE, fit_within, jet_colormap, threshold_range
+from .decision import image_result
+from .heatmap import HEATMAP_ALPHA, HEATMAP_MAX_SIDE, fit_within, jet_colormap
 from .heatmap import overlay_heatmap as _overlay
 from .image_processing_cnc import CNCImageProcessor, _describe, load_rgb, to_rgb_pil  # noqa: F401  (re-exported)
 
@@ -187,33 +187,22 @@ class AnomalyMapPipeline(Pipeline):
 
     def postprocess(self, model_outputs, threshold=None, heatmap_range=None, return_heatmap=True, category=None):
         height, width = (int(v) for v in model_outputs["original_size"].reshape(-1)[:2])
-        small_map = model_outputs["anomaly_map"].reshape(model_outputs["anomaly_map"].shape[-2:]).float()
+        small_map = model_outputs["anomaly_map"].reshape(model_outputs["anomaly_map"].shape[-2:]).float().cpu()
         score = float(model_outputs["image_score"].reshape(-1)[0])
         similarity = model_outputs.get("category_similarity")
         similarity = None if similarity is None else similarity.reshape(-1).float().tolist()
-        decision = decide(score, self.model.config, category, similarity, threshold)
-        if decision["category_source"] == "unrecognised":
+        result = image_result(score, small_map, model_outputs["image"], (height, width), self.image_processor,
+                              self.model.config, category, similarity, threshold, heatmap_range, return_heatmap)
+        if result["category_source"] == "unrecognised":
             logger.warning(
                 "AnomalyMapPipeline: the image is unlike every training category (cosine distance "
-                f"{decision['category_distance']:.4f} to the nearest, {decision['nearest_category']!r}, beyond its limit "
-                f"{self.model.config.category_distance_limits[decision['nearest_category']]:.4f}); category None, "
+                f"{result['category_distance']:.4f} to the nearest, {result['nearest_category']!r}, beyond its limit "
+                f"{self.model.config.category_distance_limits[result['nearest_category']]:.4f}); category None, "
                 "pooled threshold. Pass category=... if you know it."
             )
-        threshold = decision["threshold"]
-        if threshold is None:
+        if result["threshold"] is None:
             self._warn_no_threshold()
-        heatmap = None
-        if return_heatmap:
-            heatmap_range = heatmap_range or threshold_range(threshold)
-            # Coloured from the model-resolution map: the full-size float map is never copied for display.
-            heatmap = overlay_heatmap(model_outputs["image"], small_map, heatmap_range)
-        return {
-            "score": score,
-            "is_anomaly": decision.pop("is_anomaly"),
-            "anomaly_map": self.image_processor.post_process_anomaly_map(small_map, (height, width)),
-            "heatmap": heatmap,
-            **decision,
-        }
+        return result
 
 
 def custom_pipelines_entry() -> dict:
