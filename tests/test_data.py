@@ -733,7 +733,12 @@ def test_demo_layout_and_counts(demo_dir):
     assert collections.Counter(ds["train"]["category"]) == {c: 3 for c in DEMO_CATEGORIES}
     expected = {(c, d): 2 for c in DEMO_CATEGORIES for d in ("good",) + DEFECT_KINDS}
     assert counts(ds["test"], "category", "defect_type") == expected
-    assert PIL.Image.open(demo_dir / "gravel" / "train" / "good" / "000.png").mode == "L"  # a grayscale category
+    gravel = np.asarray(PIL.Image.open(demo_dir / "gravel" / "train" / "good" / "000.png"))
+    assert gravel.ndim == 3 and (gravel == gravel[..., :1]).all()  # gray, stored as RGB
+    # its stains are coloured (rust: red > blue), so the demo's random encoder can see them
+    stain = np.asarray(PIL.Image.open(demo_dir / "gravel" / "test" / "stain" / "000.png")).astype(int)
+    painted = np.asarray(PIL.Image.open(demo_dir / "gravel" / "ground_truth" / "stain" / "000_mask.png")) > 0
+    assert (stain[painted, 0] > stain[painted, 2]).mean() > 0.9 and (stain[~painted, 0] == stain[~painted, 2]).all()
     assert PIL.Image.open(demo_dir / "brick" / "train" / "good" / "000.png").mode == "RGB"
     for row in ds["test"]:
         assert row["image"].size == (32, 32)
@@ -775,6 +780,13 @@ def test_demo_reuse_and_refusal(demo_dir, tmp_path):
     assert make_demo_dataset(demo_dir, seed=0, **kwargs) == demo_dir  # same parameters: reused
     with pytest.raises(FileExistsError, match="other parameters"):
         make_demo_dataset(demo_dir, seed=5, **kwargs)
+    # a set made by version 1 (grayscale gravel, no version in its parameters) is not taken for this one
+    old = tmp_path / "v1"
+    old.mkdir()
+    (old / "readme.txt").write_text("cnc-hf demo dataset\nparameters: seed=0 image_size=32 n_train=3 n_test_good=2 "
+                                    "n_test_defect=2\n")
+    with pytest.raises(FileExistsError, match="other parameters"):
+        make_demo_dataset(old, seed=0, **kwargs)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "thesis.tex").write_text("keep me")
     with pytest.raises(FileExistsError, match="not empty"):

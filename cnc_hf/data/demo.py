@@ -5,9 +5,20 @@ crops of three CC0 texture photographs bundled with scikit-image (`skimage.data.
 `gravel`; no download) with synthetic defects whose masks are exact: a mask marks precisely the
 pixels that were painted over.
 
-Categories: brick (tinted brick red), grass (tinted green), gravel (kept grayscale, like MVTec's
-grid/screw/zipper). Defects: "scratch" (a thin bright or dark polyline), "hole" (a dark rotated
-ellipse, shaded towards its centre), "stain" (a blob filled with another texture in another colour).
+Categories: brick (tinted brick red), grass (tinted green), gravel (gray, stored as RGB as a colour
+camera sees it). Defects: "scratch" (a thin bright or dark polyline), "hole" (a dark rotated
+ellipse, shaded towards its centre), "stain" (a blob filled with another texture in another colour:
+blue on brick, magenta on grass, orange on gravel).
+
+Design rule: the demo's random CLIP must see at least one defect kind in every category, or that
+category's decisions measure nothing (tests/test_benchmark.py checks it with the nearest-neighbour
+bound of `python -m cnc_hf_train.feature_bound`). Version 1 broke it: gravel was grayscale with
+mid-gray stains, and a random, LayerNorm-ed encoder is close to blind to luminance-only defects on
+that texture (stains scored image AUROC 0.25-0.66 on seeds 1 and 2). Version 2 keeps gravel's photos
+and gives its stains colour; orange was chosen over rust and blue because it stayed visible for the
+random CLIPs of seeds 1-5 (0.89-1.00; rust 0.69-1.00, blue 0.38-0.72). Holes in grass and gravel and
+most scratches in gravel stay invisible to that encoder: the demo shows that limit as it is.
+
 Same seed, same bytes: every random choice comes from `numpy.random.Generator`s seeded by
 (seed, category, split), and PNG encoding is deterministic.
 """
@@ -24,13 +35,15 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 
-# category -> (skimage.data texture, RGB tint or None for a grayscale category, stain texture, stain tint)
+# category -> (skimage.data texture, RGB tint (None: stored grayscale), stain texture, stain tint)
 DEMO_CATEGORIES = {
     "brick": ("brick", (1.0, 0.55, 0.42), "gravel", (0.35, 0.45, 1.0)),
     "grass": ("grass", (0.55, 0.9, 0.35), "brick", (1.0, 0.3, 0.9)),
-    "gravel": ("gravel", None, "grass", None),
+    "gravel": ("gravel", (1.0, 1.0, 1.0), "grass", (1.0, 0.4, 0.1)),
 }
 DEFECT_KINDS = ("scratch", "hole", "stain")
+# Written into readme.txt: a folder made by an earlier version is not reused as if it were this one.
+DEMO_SET_VERSION = 2
 _README_MARK = "cnc-hf demo dataset"
 
 
@@ -147,7 +160,7 @@ def _readme(params: str) -> str:
         "Made by cnc_hf.data.make_demo_dataset in the MVTec AD folder layout:\n"
         "  <category>/train/good, <category>/test/<good|defect>, <category>/ground_truth/<defect>/<stem>_mask.png\n"
         "Images are crops of texture photographs shipped with scikit-image (skimage.data.brick, grass, gravel;\n"
-        "CC0 licensed, see their docstrings), brick and grass tinted, gravel kept grayscale. Defects are\n"
+        "CC0 licensed, see their docstrings), brick and grass tinted, gravel gray (RGB). Defects are\n"
         "synthetic (scratch, hole, stain); each mask (0/255) marks exactly the painted pixels.\n"
         "It is a demo for pipelines and training on CPUs, not a benchmark.\n"
     )
@@ -175,8 +188,8 @@ def make_demo_dataset(
         if not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{name}: got {value!r}; expected an int >= {low}")
     out_dir = Path(out_dir).expanduser()
-    params = f"parameters: seed={seed} image_size={image_size} n_train={n_train} n_test_good={n_test_good} " \
-             f"n_test_defect={n_test_defect}"
+    params = f"parameters: version={DEMO_SET_VERSION} seed={seed} image_size={image_size} n_train={n_train} " \
+             f"n_test_good={n_test_good} n_test_defect={n_test_defect}"
     if _holds_same_demo(out_dir, params):
         return out_dir
 
