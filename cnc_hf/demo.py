@@ -27,6 +27,10 @@ from pathlib import Path
 # Each category's threshold is a high quantile of its held-out normal scores: 48 images and 0.25 leave 12 to
 # calibrate on (the library's defaults, 0.1 of the demo set's former 24, left 2: the larger of two scores).
 DEMO_TRAIN_IMAGES = 48
+# The paper trains 250 epochs; the demo stops at 60 to stay within minutes. Chosen on seeds 1 and 2, not the demo's
+# seed 0: at 30 epochs brick's holes and gravel's stains were half learnt (balanced accuracy of the decisions
+# 75.0 / 70.8% with rust-coloured stains, at 60: 79.9 / 82.6% with rust or orange; seeds 3-5 at 60: 77.1, 77.8, 69.4%).
+DEMO_EPOCHS = 60
 DEMO_CALIBRATION_FRACTION = 0.25
 REAL_USE = ("accelerate launch -m cnc_hf_train.train --clip_model openai/clip-vit-large-patch14-336 "
             "--dataset mvtec --data_dir /path/to/mvtec_anomaly_detection --output_dir cnc-mvtec")
@@ -38,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="demo_output", help="everything goes here (default: %(default)s)")
     parser.add_argument("--clip_model", default=None,
                         help="a real CLIP checkpoint (dir or Hub id); default: a small random CLIP (offline)")
-    parser.add_argument("--epochs", type=int, default=30, help="training epochs (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help="training epochs (default: %(default)s)")
     parser.add_argument("--image_size", type=int, default=128,
                         help="model input size for the random CLIP (default: %(default)s; a real CLIP uses 224)")
     parser.add_argument("--batch_size", type=int, default=8, help="training batch size (default: %(default)s)")
