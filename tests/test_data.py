@@ -735,7 +735,7 @@ def test_demo_layout_and_counts(demo_dir):
     assert counts(ds["test"], "category", "defect_type") == expected
     gravel = np.asarray(PIL.Image.open(demo_dir / "gravel" / "train" / "good" / "000.png"))
     assert gravel.ndim == 3 and (gravel == gravel[..., :1]).all()  # gray, stored as RGB
-    # its stains are coloured (rust: red > blue), so the demo's random encoder can see them
+    # its stains are coloured (orange: red > blue) only where painted, so the demo's random encoder can see them
     stain = np.asarray(PIL.Image.open(demo_dir / "gravel" / "test" / "stain" / "000.png")).astype(int)
     painted = np.asarray(PIL.Image.open(demo_dir / "gravel" / "ground_truth" / "stain" / "000_mask.png")) > 0
     assert (stain[painted, 0] > stain[painted, 2]).mean() > 0.9 and (stain[~painted, 0] == stain[~painted, 2]).all()
